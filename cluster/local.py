@@ -1,0 +1,61 @@
+"""The local provider: one Ray node per host on this machine, each advertising a TPU VM's resources.
+
+Uses `ray.cluster_utils.Cluster`: a real head (GCS) plus one real raylet per host, so Ray schedules,
+fails and drains them exactly as it does TPU VMs. Trainers then run on those nodes as CPU processes.
+"""
+import logging
+import time
+from typing import Optional
+
+from cluster.slice import SliceSpec
+
+log = logging.getLogger("cluster.local")
+
+
+class LocalProvider:
+    """Brings a slice up as local Ray nodes (own cluster) and tears it down."""
+
+    def __init__(self, spec: SliceSpec, cpus_per_host: int = 1, dashboard: bool = False):
+        self.spec, self.cpus_per_host, self.dashboard = spec, cpus_per_host, dashboard
+        self.cluster = None
+        self.nodes = []
+
+    def up(self) -> str:
+        """Start the head and all hosts; returns the Ray address to connect to."""
+        from ray.cluster_utils import Cluster
+
+        t0 = time.time()
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "include_dashboard": self.dashboard, "object_store_memory": 80 * 1024 * 1024})
+        for worker_id in range(self.spec.hosts):
+            self.nodes.append(self.add_host(worker_id, wait=False))
+        self.cluster.wait_for_nodes()
+        log.info("local slice %s: %d hosts up in %.1fs", self.spec.name, self.spec.hosts, time.time() - t0)
+        return self.cluster.address
+
+    def add_host(self, worker_id: int, wait: bool = True):
+        return self.cluster.add_node(
+            wait=wait, num_cpus=self.cpus_per_host, resources=self.spec.host_resources(worker_id),
+            labels=self.spec.host_labels(worker_id), env_vars=self.spec.host_env(worker_id),
+            object_store_memory=80 * 1024 * 1024)
+
+    def down(self) -> None:
+        if self.cluster is not None:
+            try:
+                self.cluster.shutdown()
+            finally:
+                self.cluster = None
+                self.nodes = []
+
+
+class AttachedProvider:
+    """An existing Ray cluster (`ray.address`) whose TPU hosts are already up; nothing to create or delete."""
+
+    def __init__(self, spec: SliceSpec, address: str):
+        self.spec, self.address = spec, address
+
+    def up(self) -> Optional[str]:
+        return self.address
+
+    def down(self) -> None:
+        pass

@@ -1,0 +1,45 @@
+"""`python -m launcher [overrides...]`: compose the config, validate it, then run the job on the pod.
+
+Examples:
+  python -m launcher                                   # default model on the embedded corpus, local pod
+  python -m launcher run.name=demo trainer.steps=400   # a named run; the same command again resumes it
+  python -m launcher +cluster=local cluster.hosts=4 cluster.devices_per_host=4
+  python -m launcher --cfg model=tiny                  # print the composed config and exit
+"""
+import sys
+import time
+
+
+def main(argv=None) -> int:
+    started_at = time.time()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    show_cfg = "--cfg" in argv
+    argv = [a for a in argv if a != "--cfg"]
+    from launcher.config import compose_config, to_yaml
+    from launcher.errors import EXIT_USER_ERROR, UserError
+
+    try:
+        cfg = compose_config(argv)
+        if show_cfg:
+            print(to_yaml(cfg), end="")
+            return 0
+        from launcher.validate import validate
+
+        plan = validate(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    from launcher.supervisor import launch
+
+    try:
+        return launch(cfg, plan, started_at)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

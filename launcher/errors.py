@@ -1,0 +1,17 @@
+"""User-facing errors: one line naming the config key and the fix, exit code 2."""
+
+
+class UserError(Exception):
+    """Bad input from the user (config, data, checkpoint, credentials). Printed as one line, exit 2."""
+
+    def __init__(self, key: str, problem: str, fix: str = ""):
+        self.key, self.problem, self.fix = key, problem, fix
+        msg = f"{key}: {problem}"
+        if fix:
+            msg += f" ({fix})"
+        super().__init__(msg)
+
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USER_ERROR = 2

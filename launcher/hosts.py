@@ -1,0 +1,150 @@
+"""Ray side of a run: reserve a whole slice (one bundle per host) and start one trainer process per host.
+
+`HostActor` lives on a host's Ray node and owns that host's trainer subprocess; `SliceGroup` gang-schedules
+the actors by slice (a STRICT_SPREAD placement group whose bundles need the slice's resource, bundle 0 the
+`TPU-<type>-head` resource) and maps each to its TPU worker id, which becomes its JAX process id.
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.slice import SliceSpec
+
+
+class HostStartError(Exception):
+    """Ray could not place one trainer on every host of the slice."""
+
+
+@ray.remote(num_cpus=0, max_concurrency=4)
+class HostActor:
+    def __init__(self):
+        self.proc: Optional[subprocess.Popen] = None
+
+    def info(self) -> Dict:
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as s:  # a free port for the coordinator, if this host is worker 0
+            s.bind((ip, 0))
+            port = s.getsockname()[1]
+        return {"worker_id": int(os.environ.get("TPU_WORKER_ID", "-1")), "ip": ip, "port": port,
+                "hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
+                "actor_pid": os.getpid()}
+
+    def run(self, argv: List[str], env: Dict[str, str], log_path: str, cwd: str) -> int:
+        """Run the trainer to completion; its output goes to log_path. Returns its exit code."""
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        full_env = {**os.environ, **env}
+        with open(log_path, "ab", buffering=0) as log:
+            self.proc = subprocess.Popen([sys.executable, *argv], env=full_env, cwd=cwd, stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+            return self.proc.wait()
+
+    def pid(self) -> Optional[int]:
+        return self.proc.pid if self.proc is not None else None
+
+    def stop(self, grace_s: float = 5.0) -> Optional[int]:
+        """SIGTERM the trainer's process group, SIGKILL after grace_s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        except ProcessLookupError:
+            pass
+        return self.proc.returncode
+
+
+class SliceGroup:
+    """One HostActor per host of a slice, placed by the slice's resources; index i = JAX process i."""
+
+    def __init__(self, spec: SliceSpec, timeout_s: float):
+        self.spec = spec
+        bundles = [{"TPU": float(spec.devices_per_host), spec.name: 1.0} for _ in range(spec.hosts)]
+        bundles[0][spec.head_resource] = 1.0
+        self.pg = placement_group(bundles, strategy="STRICT_SPREAD", name=f"slice-{spec.name}")
+        try:
+            ray.get(self.pg.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise HostStartError(
+                f"could not reserve {spec.hosts} hosts of slice {spec.name} ({spec.accelerator_type}) in "
+                f"{timeout_s:.0f}s: the Ray cluster has {_slice_hosts(spec)} of them") from None
+        actors = [HostActor.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            resources={"TPU": float(spec.devices_per_host)}, name=None).remote() for i in range(spec.hosts)]
+        infos = ray.get([a.info.remote() for a in actors], timeout=timeout_s)
+        order = sorted(range(len(actors)), key=lambda i: infos[i]["worker_id"])
+        self.actors = [actors[i] for i in order]
+        self.infos = [infos[i] for i in order]
+        ids = [info["worker_id"] for info in self.infos]
+        if ids != list(range(spec.hosts)):
+            self.close()
+            raise HostStartError(f"slice {spec.name}: hosts report TPU worker ids {ids}, "
+                                 f"expected 0..{spec.hosts - 1}")
+
+    @property
+    def coordinator(self) -> str:
+        head = self.infos[0]
+        return f"{head['ip']}:{head['port']}"
+
+    def start(self, argv_for, env_for, log_path_for, cwd: str):
+        """Start every host's trainer; returns the ObjectRefs of their exit codes, by process id."""
+        return [actor.run.remote(argv_for(i), env_for(i), log_path_for(i), cwd)
+                for i, actor in enumerate(self.actors)]
+
+    def stop_all(self, grace_s: float = 5.0) -> None:
+        refs = [a.stop.remote(grace_s) for a in self.actors]
+        try:
+            ray.get(refs, timeout=grace_s + 10)
+        except Exception:  # noqa: BLE001 - a dead host has nothing left to stop
+            pass
+
+    def close(self) -> None:
+        for a in getattr(self, "actors", []):
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001
+                pass
+        try:
+            remove_placement_group(self.pg)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _slice_hosts(spec: SliceSpec) -> int:
+    return sum(1 for n in ray.nodes() if n.get("Alive") and spec.name in n.get("Resources", {}))
+
+
+def wait_for_exit(refs, poll_s: float = 0.5, on_poll=None) -> Dict[int, int]:
+    """Wait until all hosts exit or one fails; returns {process_id: exit code} of those that exited.
+
+    A host that dies with its node (preemption) shows as exit code -9.
+    """
+    pending = dict(enumerate(refs))
+    codes: Dict[int, int] = {}
+    while pending:
+        ready, _ = ray.wait(list(pending.values()), num_returns=1, timeout=poll_s)
+        for ref in ready:
+            i = next(k for k, v in pending.items() if v == ref)
+            del pending[i]
+            try:
+                codes[i] = int(ray.get(ref))
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                    ray.exceptions.NodeDiedError):
+                codes[i] = -9
+        if on_poll is not None:
+            on_poll()
+        if any(c != 0 for c in codes.values()):
+            break
+    return codes

@@ -1,0 +1,73 @@
+"""The run directory contract: config.yaml, metrics.jsonl, events.jsonl, summary.json, logs/, and the lock.
+
+The lock is an fcntl lock on `${run.dir}/lock` held for the life of the launcher: the kernel drops it when
+the process dies, so a stale lock from a dead launcher never blocks the next one.
+"""
+import fcntl
+import json
+import os
+import socket
+import time
+from typing import Optional
+
+from launcher.errors import UserError
+from trainer.events import append_jsonl
+
+
+class RunDir:
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        self._lock_fd: Optional[int] = None
+
+    def file(self, *parts: str) -> str:
+        return os.path.join(self.path, *parts)
+
+    def host_log(self, host: int) -> str:
+        return self.file("logs", f"host-{host}.log")
+
+    def acquire(self) -> None:
+        """Create the directory and take the run lock, or fail with a one-line error if a launch is live."""
+        os.makedirs(self.file("logs"), exist_ok=True)
+        fd = os.open(self.file("lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise UserError("run.name", f"a launch of this run is already live ({holder or 'unknown holder'})",
+                            "wait for it to finish, or choose another run.name") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "since": time.time()}).encode(), 0)
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def write_json(self, name: str, obj: dict) -> None:
+        tmp = self.file(name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, self.file(name))
+
+    def write_text(self, name: str, text: str) -> None:
+        tmp = self.file(name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, self.file(name))
+
+    def read_json(self, name: str) -> Optional[dict]:
+        try:
+            with open(self.file(name)) as f:
+                return json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def event(self, event: str, **fields) -> None:
+        append_jsonl(self.file("events.jsonl"), {"event": event, "host": "launcher", "time": time.time(),
+                                                 **fields})

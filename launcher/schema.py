@@ -1,0 +1,118 @@
+"""Structured config schema, registered in Hydra's ConfigStore so typos and wrong types fail at composition."""
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    dir: str = "runs/${run.name}"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ff: int = 256
+    vocab_size: int = 384  # >= tokenizer vocab; padded to a multiple of 128 so it shards evenly
+    seq_len: int = 64
+    max_seq_len: int = 256
+    positions: str = "rotary"  # rotary | learned
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+
+
+@dataclass
+class DataConfig:
+    name: str = "stdlib"
+    path: Optional[str] = None  # local dir or gs://bucket/prefix with manifest.json; null = embedded corpus
+    cache_dir: Optional[str] = None  # where the embedded corpus is prepared (default ~/.cache/tpu-launcher)
+    max_bytes: int = 6_000_000  # cap on raw source bytes for the embedded corpus
+    prefetch: int = 2
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    decay_steps: Optional[int] = None  # cosine decay length; null = trainer.steps
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 300
+    batch_size: int = 16  # global, across all hosts
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 4
+    log_every: int = 10
+    init_timeout_s: int = 300  # jax.distributed.initialize timeout
+    host_start_timeout_s: int = 120  # waiting for Ray to place one trainer per host
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    keep: int = 3
+    dir: str = "${run.dir}/checkpoints"
+    async_save: bool = True
+    resume: bool = True
+
+
+@dataclass
+class MeshConfig:
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass
+class ClusterConfig:
+    provider: str = "local"  # local | gcp
+    hosts: int = 2
+    devices_per_host: int = 2
+    accelerator_type: Optional[str] = None  # e.g. v4-32; null for the local pod derives a v4-style name
+    tpu_version: str = "v4"
+    cpus_per_host: int = 1
+    slice_name: Optional[str] = None  # null = derived from run.name
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # attach to an existing Ray cluster instead of starting one
+    dashboard: bool = False
+
+
+@dataclass
+class LauncherConfig:
+    echo: bool = True  # print host 0's progress lines in this terminal
+    dry_run: bool = False
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)

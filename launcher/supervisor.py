@@ -1,0 +1,157 @@
+"""The supervisor: bring the slice up, start one trainer per host, watch them, write summary.json.
+
+On any host failing, every other host of the slice is stopped at once (crashes beat hangs).
+"""
+import logging
+import os
+import sys
+import time
+from typing import Dict, Optional
+
+import ray
+from omegaconf import DictConfig
+
+from cluster.local import AttachedProvider, LocalProvider
+from launcher.config import to_yaml
+from launcher.errors import EXIT_FAILED, EXIT_OK, EXIT_USER_ERROR
+from launcher.hosts import HostStartError, SliceGroup, wait_for_exit
+from launcher.logtail import LogTail
+from launcher.rundir import RunDir
+from launcher.validate import Plan
+
+log = logging.getLogger("launcher")
+
+
+def _say(msg: str) -> None:
+    print(f"[launcher] {msg}", flush=True)
+
+
+def _provider(cfg: DictConfig, plan: Plan):
+    if cfg.ray.address:
+        return AttachedProvider(plan.slice, cfg.ray.address)
+    return LocalProvider(plan.slice, int(cfg.cluster.cpus_per_host), bool(cfg.ray.dashboard))
+
+
+def _trainer_argv(run: RunDir, cfg: DictConfig, plan: Plan, coordinator: str, attempt: int):
+    def argv_for(i: int):
+        argv = ["-m", "trainer.main", "--config", run.file("config.yaml"), "--process-id", str(i),
+                "--num-processes", str(plan.slice.hosts), "--coordinator", coordinator, "--attempt", str(attempt)]
+        if cfg.cluster.provider == "local":
+            argv += ["--devices", str(plan.slice.devices_per_host)]
+        return argv
+
+    return argv_for
+
+
+def _trainer_env(cfg: DictConfig):
+    env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": _project_root()}
+    if cfg.cluster.provider == "local":
+        env["JAX_PLATFORMS"] = "cpu"
+    return lambda i: dict(env)
+
+
+def _project_root() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    existing = os.environ.get("PYTHONPATH")
+    return here if not existing else f"{here}{os.pathsep}{existing}"
+
+
+def launch(cfg: DictConfig, plan: Plan, started_at: float) -> int:
+    run = RunDir(cfg.run.dir)
+    run.acquire()
+    try:
+        return _launch(cfg, plan, run, started_at)
+    finally:
+        run.release()
+
+
+def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
+    previous = run.read_json("summary.json") or {}
+    run.write_text("config.yaml", to_yaml(cfg))
+    if os.path.exists(run.file("result.json")):
+        os.replace(run.file("result.json"), run.file("result.previous.json"))
+    run.event("command_start", time=started_at, argv=sys.argv[1:])
+    _say(f"run {cfg.run.name} -> {run.path}")
+    _say(f"slice {plan.slice.name}: {plan.slice.accelerator_type}, {plan.slice.hosts} hosts x "
+         f"{plan.slice.devices_per_host} devices, mesh {plan.mesh}")
+    provider = _provider(cfg, plan)
+    status, code, restarts = "failed", EXIT_FAILED, 0
+    codes: Dict[int, int] = {}
+    group: Optional[SliceGroup] = None
+    tail: Optional[LogTail] = None
+    error: Optional[str] = None
+    try:
+        t0 = time.time()
+        address = provider.up()
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": _project_root()}})
+        run.event("ray_ready", seconds=round(time.time() - t0, 4), address=address)
+        group = SliceGroup(plan.slice, float(cfg.trainer.host_start_timeout_s))
+        run.event("hosts_placed", hosts=[{k: info[k] for k in ("worker_id", "ip", "hostname", "node_id")}
+                                         for info in group.infos])
+        _say(f"{plan.slice.hosts} hosts placed; coordinator {group.coordinator}; logs in {run.file('logs')}")
+        if cfg.launcher.echo:
+            tail = LogTail(run.host_log(0)).start()
+        refs = group.start(_trainer_argv(run, cfg, plan, group.coordinator, attempt=0), _trainer_env(cfg),
+                           run.host_log, os.getcwd())
+        codes = wait_for_exit(refs)
+        if any(c != 0 for c in codes.values()):
+            group.stop_all()
+        bad = {i: c for i, c in codes.items() if c != 0}
+        if not bad and len(codes) == plan.slice.hosts:
+            status, code = "completed", EXIT_OK
+        else:
+            first = min(bad)
+            code = EXIT_USER_ERROR if bad[first] == EXIT_USER_ERROR else EXIT_FAILED
+            error = f"host {first} exited with code {bad[first]}; see {run.host_log(first)}"
+    except HostStartError as e:
+        error = str(e)
+    except KeyboardInterrupt:
+        error = "interrupted"
+        if group is not None:
+            group.stop_all()
+    finally:
+        if tail is not None:
+            tail.stop()
+        if group is not None:
+            group.close()
+        try:
+            ray.shutdown()
+        finally:
+            provider.down()
+    result = run.read_json("result.json") or {}
+    if status == "completed" and not result:
+        status, code, error = "failed", EXIT_FAILED, "host 0 finished without writing result.json"
+    summary = {
+        "status": status, "run": cfg.run.name, "final_step": result.get("final_step"),
+        "final_loss": result.get("final_loss"), "eval": result.get("eval"), "val": result.get("val"),
+        "hosts": plan.slice.hosts, "devices": plan.devices, "mesh": plan.mesh,
+        "accelerator_type": plan.slice.accelerator_type, "params": result.get("params"),
+        "restarts": restarts, "resumed_from_step": result.get("resumed_from_step"),
+        "params_digest": result.get("params_digest"), "exit_codes": {str(k): v for k, v in codes.items()},
+        "wall_s": round(time.time() - started_at, 3), "launches": int(previous.get("launches", 0)) + 1,
+        "error": error,
+    }
+    run.write_json("summary.json", summary)
+    run.event("command_end", status=status, wall_s=summary["wall_s"])
+    if status == "completed":
+        ev = summary["eval"] or {}
+        _say(f"completed: step {summary['final_step']}, test loss {ev.get('eval_loss', float('nan')):.4f}, "
+             f"ppl {ev.get('eval_ppl', float('nan')):.2f}, acc {ev.get('eval_acc', float('nan')):.4f}, "
+             f"{summary['wall_s']:.1f}s; summary: {run.file('summary.json')}")
+    else:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        _print_tail(run, codes)
+    return code
+
+
+def _print_tail(run: RunDir, codes: Dict[int, int], lines: int = 15) -> None:
+    bad = sorted(i for i, c in codes.items() if c not in (0,))
+    for i in bad[:1]:
+        try:
+            with open(run.host_log(i), errors="replace") as f:
+                tail = f.readlines()[-lines:]
+        except FileNotFoundError:
+            continue
+        print(f"--- last lines of {run.host_log(i)} ---", file=sys.stderr)
+        sys.stderr.writelines(tail)

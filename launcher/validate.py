@@ -1,0 +1,175 @@
+"""Check a composed config before anything is provisioned or written; each problem is one UserError.
+
+Also resolves what the rest of the launch needs: the absolute run dir, the data location (preparing the
+embedded corpus on first use), the mesh sizes and the slice to run on.
+"""
+import os
+from dataclasses import dataclass
+from typing import Dict
+
+from omegaconf import DictConfig, open_dict
+
+from cluster.slice import SliceSpec, local_slice
+from launcher.errors import UserError
+from trainer.data import DataError, ensure_default_corpus, read_manifest
+from trainer.sharding import resolve_mesh_shape
+
+PROVIDERS = ("local",)
+DTYPES = ("float32", "bfloat16")
+POSITIONS = ("rotary", "learned")
+
+
+@dataclass
+class Plan:
+    devices: int
+    mesh: Dict[str, int]
+    slice: SliceSpec
+    manifest: dict
+
+
+def _positive(cfg: DictConfig, *keys: str, allow_zero=()):
+    for key in keys:
+        value = _get(cfg, key)
+        lowest = 0 if key in allow_zero else 1
+        if value is None or value < lowest:
+            raise UserError(key, f"must be an integer >= {lowest}, got {value}", f"set {key}={max(lowest, 1)}")
+
+
+def _get(cfg: DictConfig, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def check_run(cfg: DictConfig) -> None:
+    name = cfg.run.name
+    if not name or "/" in name or name in (".", "..") or any(c.isspace() for c in name):
+        raise UserError("run.name", f"'{name}' is not a plain name (no '/', spaces, '.' or '..')",
+                        "use letters, digits, '-' or '_', e.g. run.name=demo-1")
+    parent = os.path.dirname(os.path.abspath(cfg.run.dir)) or "."
+    probe = os.path.abspath(cfg.run.dir) if os.path.exists(cfg.run.dir) else parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError("run.dir", f"{probe} is not a writable directory", "choose a writable run.dir")
+
+
+def check_cluster(cfg: DictConfig) -> SliceSpec:
+    c = cfg.cluster
+    if c.provider not in PROVIDERS:
+        raise UserError("cluster.provider", f"unknown provider '{c.provider}'",
+                        f"choose one of: {', '.join(PROVIDERS)}")
+    _positive(cfg, "cluster.hosts", "cluster.devices_per_host", "cluster.cpus_per_host", allow_zero=("cluster.cpus_per_host",))
+    return local_slice(cfg.run.name, int(c.hosts), int(c.devices_per_host), str(c.tpu_version),
+                       c.accelerator_type, c.slice_name)
+
+
+def check_mesh(cfg: DictConfig, devices: int) -> Dict[str, int]:
+    try:
+        return resolve_mesh_shape({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor},
+                                  devices)
+    except ValueError as e:
+        key, _, rest = str(e).partition(": ")
+        raise UserError(key, rest, f"the pod has cluster.hosts x cluster.devices_per_host = {devices} devices; "
+                                   f"e.g. mesh.data=-1") from None
+
+
+def check_model(cfg: DictConfig, mesh: Dict[str, int]) -> None:
+    m = cfg.model
+    _positive(cfg, "model.d_model", "model.n_layers", "model.n_heads", "model.d_ff", "model.vocab_size",
+              "model.seq_len", "model.max_seq_len")
+    if m.dtype not in DTYPES:
+        raise UserError("model.dtype", f"unknown dtype '{m.dtype}'", f"choose one of: {', '.join(DTYPES)}")
+    if m.positions not in POSITIONS:
+        raise UserError("model.positions", f"unknown '{m.positions}'", f"choose one of: {', '.join(POSITIONS)}")
+    if m.seq_len > m.max_seq_len:
+        raise UserError("model.seq_len", f"{m.seq_len} is above the model's maximum model.max_seq_len="
+                        f"{m.max_seq_len}", f"lower model.seq_len to <= {m.max_seq_len} or raise model.max_seq_len")
+    if m.d_model % m.n_heads:
+        raise UserError("model.n_heads", f"d_model={m.d_model} is not divisible by n_heads={m.n_heads}",
+                        "pick n_heads dividing d_model")
+    if m.positions == "rotary" and (m.d_model // m.n_heads) % 2:
+        raise UserError("model.n_heads", "rotary positions need an even head dimension (d_model / n_heads)",
+                        "change n_heads or use model.positions=learned")
+    t, f = mesh["tensor"], mesh["fsdp"]
+    for key, value, axis, size in (("model.n_heads", m.n_heads, "tensor", t), ("model.d_ff", m.d_ff, "tensor", t),
+                                   ("model.vocab_size", m.vocab_size, "tensor", t),
+                                   ("model.d_model", m.d_model, "fsdp", f)):
+        if value % size:
+            raise UserError(key, f"{value} is not divisible by mesh.{axis}={size}",
+                            f"use a multiple of {size} or a smaller mesh.{axis}")
+
+
+def check_trainer(cfg: DictConfig, mesh: Dict[str, int]) -> None:
+    _positive(cfg, "trainer.steps", "trainer.batch_size", "trainer.log_every", "trainer.eval_batches",
+              "trainer.init_timeout_s", "checkpoint.every", "checkpoint.keep", "trainer.eval_every",
+              allow_zero=("trainer.eval_every",))
+    shards = mesh["data"] * mesh["fsdp"]
+    if cfg.trainer.batch_size % shards:
+        raise UserError("trainer.batch_size", f"{cfg.trainer.batch_size} is not divisible by mesh data x fsdp = "
+                        f"{shards}", f"use a multiple of {shards}")
+
+
+def check_data(cfg: DictConfig) -> dict:
+    d = cfg.data
+    if d.path is None:
+        if d.name != "stdlib":
+            raise UserError("data.path", f"is required for data={d.name}",
+                            "pass data.path=DIR or gs://bucket/prefix (made by python -m trainer.data prepare)")
+        with open_dict(cfg):
+            cfg.data.path = ensure_default_corpus(d.cache_dir, max_bytes=int(d.max_bytes))
+    elif not str(d.path).startswith("gs://"):
+        with open_dict(cfg):
+            cfg.data.path = os.path.abspath(os.path.expanduser(d.path))
+    try:
+        manifest = read_manifest(cfg.data.path)
+    except DataError as e:
+        raise UserError("data.path", str(e), "prepare shards with: python -m trainer.data prepare "
+                                             "--input CORPUS --output DIR") from None
+    record_len = int(manifest["record_len"])
+    if cfg.model.seq_len > record_len - 1:
+        raise UserError("model.seq_len", f"{cfg.model.seq_len} is longer than the data's records allow "
+                        f"({record_len - 1} tokens)", f"use model.seq_len <= {record_len - 1} or prepare the data "
+                                                       f"with --record-len {cfg.model.seq_len + 1}")
+    if cfg.model.vocab_size < int(manifest["vocab_size"]):
+        raise UserError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                        f"({manifest['vocab_size']})", f"use model.vocab_size >= {manifest['vocab_size']}")
+    for split in ("train", "val", "test"):
+        records = int(manifest["splits"].get(split, {}).get("records", 0))
+        if records < cfg.trainer.batch_size:
+            raise UserError("trainer.batch_size", f"the {split} split of {cfg.data.path} has {records} records, "
+                            f"fewer than one global batch ({cfg.trainer.batch_size})",
+                            "lower trainer.batch_size or prepare more data")
+    return manifest
+
+
+def check_checkpoint_dir(cfg: DictConfig) -> None:
+    path = str(cfg.checkpoint.dir)
+    if path.startswith("gs://"):
+        return
+    path = os.path.abspath(os.path.expanduser(path))
+    with open_dict(cfg):
+        cfg.checkpoint.dir = path
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise UserError("checkpoint.dir", f"{path} exists and is not a directory",
+                            "point checkpoint.dir at a directory")
+        if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+            raise UserError("checkpoint.dir", f"{path} is not readable and writable by this user",
+                            "fix its permissions or choose another checkpoint.dir")
+
+
+def validate(cfg: DictConfig) -> Plan:
+    """Checks in the order a user would fix them; mutates cfg only to make paths absolute/resolved."""
+    check_run(cfg)
+    with open_dict(cfg):
+        cfg.run.dir = os.path.abspath(os.path.expanduser(cfg.run.dir))
+    spec = check_cluster(cfg)
+    devices = spec.hosts * spec.devices_per_host
+    mesh = check_mesh(cfg, devices)
+    check_model(cfg, mesh)
+    check_trainer(cfg, mesh)
+    check_checkpoint_dir(cfg)
+    manifest = check_data(cfg)
+    return Plan(devices=devices, mesh=mesh, slice=spec, manifest=manifest)

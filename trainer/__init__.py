@@ -1,0 +1,1 @@
+"""Training-side code that runs on each TPU host (model, data, training loop)."""

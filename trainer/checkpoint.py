@@ -1,0 +1,74 @@
+"""Orbax checkpoints: async saves of (train state, data iterator state); restore newest readable, else older.
+
+A checkpoint step directory only becomes visible to `all_steps()` once orbax has finalised it
+(atomic rename locally, commit marker on GCS), so a kill during a save never yields a step that looks complete.
+"""
+import logging
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import orbax.checkpoint as ocp
+
+log = logging.getLogger("trainer.checkpoint")
+
+
+class CheckpointError(Exception):
+    """No checkpoint in the directory could be read: the run must not silently restart at step 0."""
+
+
+class Checkpointer:
+    def __init__(self, directory: str, keep: int, async_save: bool = True,
+                 on_event: Optional[Callable[..., None]] = None):
+        self.directory = directory
+        self._event = on_event or (lambda *a, **k: None)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=int(keep), enable_async_checkpointing=bool(async_save), create=True)
+        self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+
+    def steps(self):
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Dict[str, Any], data_state: Dict[str, Any]) -> float:
+        """Start a save; returns seconds the training loop was blocked."""
+        t0 = time.time()
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+        blocked = time.time() - t0
+        self._event("save_start", step=step, blocking_s=round(blocked, 4))
+        return blocked
+
+    def check_errors(self) -> None:
+        """Surface an async save failure in the main loop (orbax re-raises it here)."""
+        self.manager.check_for_errors()
+
+    def wait(self) -> None:
+        t0 = time.time()
+        self.manager.wait_until_finished()
+        self._event("save_wait", wait_s=round(time.time() - t0, 4), steps=self.steps())
+
+    def restore_latest(self, abstract_state) -> Optional[Tuple[int, Dict[str, Any], Dict[str, Any]]]:
+        """Newest readable checkpoint as (step, state, data_state); None if there is none at all."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        failures = []
+        for step in steps:
+            t0 = time.time()
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to an older one
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                log.warning("checkpoint step %d in %s could not be read (%s: %s); trying an older one",
+                            step, self.directory, type(e).__name__, first)
+                self._event("restore_failed", step=step, error=f"{type(e).__name__}: {first}")
+                failures.append(step)
+                continue
+            self._event("restore", step=step, seconds=round(time.time() - t0, 4), skipped=failures)
+            return step, restored["state"], dict(restored["data"])
+        if steps:
+            raise CheckpointError(
+                f"checkpoint.dir: none of the checkpoints {steps} in {self.directory} could be read; "
+                f"nothing was deleted. Fix or move them, or set checkpoint.dir to a new location")
+        return None
+
+    def close(self) -> None:
+        self.manager.close()

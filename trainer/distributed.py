@@ -1,0 +1,42 @@
+"""Per-host process setup: CPU device count, gloo collectives, jax.distributed.initialize, parent watch."""
+import logging
+import os
+import sys
+import threading
+import time
+
+log = logging.getLogger("trainer.distributed")
+
+
+def set_cpu_devices(n: int) -> None:
+    """Must run before jax is imported: N CPU devices for this process (the local stand-in for TPU chips)."""
+    if "jax" in sys.modules:
+        raise RuntimeError("set_cpu_devices must be called before importing jax")
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    flags.append(f"--xla_force_host_platform_device_count={int(n)}")
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
+def initialize(coordinator: str, num_processes: int, process_id: int, timeout_s: int) -> float:
+    """Join the JAX program of all hosts; returns seconds taken. Host 0 serves as coordinator."""
+    import jax
+
+    if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    t0 = time.time()
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=int(num_processes),
+                               process_id=int(process_id), initialization_timeout=int(timeout_s))
+    return time.time() - t0
+
+
+def watch_parent(poll_s: float = 0.5, exit_code: int = 137) -> None:
+    """Exit when the process that started us (the host's Ray actor) dies, so no trainer is orphaned."""
+    parent = os.getppid()
+
+    def loop():
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(exit_code)
+
+    threading.Thread(target=loop, name="parent-watch", daemon=True).start()

@@ -1,0 +1,161 @@
+"""The train/eval loop run by every host: restore or init, stream batches, step, log, evaluate, checkpoint."""
+import json
+import logging
+import math
+import os
+import time
+from typing import Dict, Optional
+
+import jax
+import numpy as np
+
+from trainer.checkpoint import Checkpointer
+from trainer.data.stream import BatchStream, eval_batches, read_manifest
+from trainer.digest import params_digest
+from trainer.events import EventLog, append_jsonl
+from trainer.model import ModelSpec, TransformerLM
+from trainer.optim import make_optimizer
+from trainer.sharding import batch_sharding, local_rows, make_mesh
+from trainer.state import abstract_state, count_params, create_state, state_shardings
+from trainer.step import make_eval_step, make_train_step
+
+log = logging.getLogger("trainer.loop")
+progress = logging.getLogger("trainer.progress")
+
+
+class Loop:
+    def __init__(self, cfg, events: EventLog, start_time: float):
+        self.cfg, self.events, self.start_time = cfg, events, start_time
+        self.run_dir = cfg.run.dir
+        self.host = jax.process_index()
+        self.is_host0 = self.host == 0
+        self.mesh = make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor})
+        self.spec = ModelSpec.from_config(cfg.model)
+        self.model = TransformerLM(self.spec)
+        self.steps = int(cfg.trainer.steps)
+        self.batch = int(cfg.trainer.batch_size)
+        self.seq_len = int(cfg.model.seq_len)
+        self.tx, self.schedule = make_optimizer(cfg.optimizer, self.steps)
+        self.data_path = cfg.data.path
+        self.manifest = read_manifest(self.data_path)
+        rows = local_rows(self.mesh, self.batch, self.seq_len)
+        self.local_batch = rows[1] - rows[0]
+        self.shard_index, self.shard_count = rows[0] // self.local_batch, self.batch // self.local_batch
+        self.batch_sharding = batch_sharding(self.mesh)
+
+    # -- data ---------------------------------------------------------------------------------------------
+    def _global(self, local: Dict[str, np.ndarray]):
+        shape = (self.batch, self.seq_len)
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v, np.int32), shape)
+                for k, v in local.items()}
+
+    def evaluate(self, params, split: str, step: int) -> Dict[str, float]:
+        t0 = time.time()
+        totals = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
+        for local in eval_batches(self.data_path, split, self.batch, self.seq_len, self.shard_index,
+                                  self.shard_count, int(self.cfg.trainer.eval_batches), manifest=self.manifest):
+            out = self.eval_step(params, self._global(local))
+            for k in totals:
+                totals[k] += float(out[k])
+        if totals["tokens"] == 0:
+            raise ValueError(f"data.path: split '{split}' has fewer records than one global batch "
+                             f"({self.batch}); prepare more data or lower trainer.batch_size")
+        loss = totals["loss_sum"] / totals["tokens"]
+        result = {"split": split, "step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)),
+                  "eval_acc": totals["correct"] / totals["tokens"], "eval_tokens": int(totals["tokens"]),
+                  "time": time.time(), "eval_s": round(time.time() - t0, 4)}
+        progress.info("eval %-5s step %d | loss %.4f | ppl %.2f | acc %.4f", split, step, loss,
+                      result["eval_ppl"], result["eval_acc"])
+        if self.is_host0:
+            append_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), result)
+        return result
+
+    # -- main ---------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, ev = self.cfg, self.events
+        shardings = state_shardings(self.model, self.tx, self.mesh, self.seq_len)
+        ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep, cfg.checkpoint.async_save, on_event=ev)
+        restored = None
+        if cfg.checkpoint.resume:
+            target = abstract_state(self.model, self.tx, self.mesh, self.seq_len, shardings)
+            restored = ckpt.restore_latest(target)
+        stream = BatchStream(self.data_path, "train", self.batch, self.seq_len, self.shard_index,
+                             self.shard_count, int(cfg.trainer.seed), prefetch=int(cfg.data.prefetch),
+                             manifest=self.manifest)
+        if restored is not None:
+            start_step, state, data_state = restored
+            stream.restore(data_state)
+            progress.info("resumed from checkpoint step %d", start_step)
+        else:
+            start_step = 0
+            state, _ = create_state(self.model, self.tx, self.mesh, self.seq_len, int(cfg.trainer.seed))
+        n_params = count_params(state["params"])
+        progress.info("model %s: %d params | mesh %s | %d hosts x %d devices | batch %d (this host %d rows)",
+                      cfg.model.name, n_params, dict(self.mesh.shape), jax.process_count(),
+                      jax.local_device_count(), self.batch, self.local_batch)
+        self.train_step = make_train_step(self.model, self.tx, self.schedule, self.mesh, shardings)
+        self.eval_step = make_eval_step(self.model, self.mesh, shardings)
+        ev("ready", step=start_step, since_start_s=round(time.time() - self.start_time, 4))
+
+        log_every, eval_every, ckpt_every = (int(cfg.trainer.log_every), int(cfg.trainer.eval_every),
+                                             int(cfg.checkpoint.every))
+        metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
+        final_loss: Optional[float] = None
+        mark_time, mark_step, data_wait = time.time(), start_step, 0.0
+        try:
+            for step in range(start_step, self.steps):
+                t_data = time.time()
+                batch = self._global(next(stream))
+                data_wait += time.time() - t_data
+                state, metrics = self.train_step(state, batch)
+                done = step + 1
+                first = step == start_step
+                if first or done % log_every == 0 or done == self.steps:
+                    loss = float(metrics["loss"])  # blocks until the step is finished
+                    now = time.time()
+                    n = done - mark_step
+                    step_time = (now - mark_time) / n
+                    record = {"step": done, "loss": loss, "lr": float(metrics["lr"]),
+                              "grad_norm": float(metrics["grad_norm"]), "step_time_s": step_time,
+                              "tokens_per_s": self.batch * self.seq_len / step_time, "time": now,
+                              "data_wait_s": data_wait / n}
+                    if first:
+                        record["includes_compile"] = True
+                        ev("first_step", step=done, since_start_s=round(now - self.start_time, 4))
+                    if not math.isfinite(loss):
+                        raise FloatingPointError(f"loss is {loss} at step {done}; lower optimizer.lr")
+                    final_loss = loss
+                    if self.is_host0:
+                        append_jsonl(metrics_path, record)
+                    progress.info("step %d/%d | loss %.4f | lr %.2e | %.0f tok/s | step %.3fs", done, self.steps,
+                                  loss, record["lr"], record["tokens_per_s"], step_time)
+                    mark_time, mark_step, data_wait = time.time(), done, 0.0
+                if eval_every > 0 and done % eval_every == 0 and done != self.steps:
+                    self.evaluate(state["params"], "val", done)
+                if done % ckpt_every == 0 or done == self.steps:
+                    ckpt.save(done, state, stream.state())
+                ckpt.check_errors()
+            ckpt.wait()
+            ckpt.check_errors()
+        finally:
+            stream.close()
+        final_step = int(state["step"])
+        if final_step != self.steps:
+            log.warning("checkpoint is at step %d, beyond trainer.steps=%d: nothing to train", final_step,
+                        self.steps)
+        test = self.evaluate(state["params"], "test", final_step)
+        val = self.evaluate(state["params"], "val", final_step)
+        digest = params_digest(state["params"])
+        ckpt.close()
+        return {"final_step": final_step, "final_loss": final_loss, "eval": test, "val": val,
+                "params_digest": digest, "params": n_params,
+                "resumed_from_step": restored[0] if restored is not None else None,
+                "checkpoints": ckpt.steps()}
+
+
+def write_result(run_dir: str, result: dict) -> None:
+    path = os.path.join(run_dir, "result.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)

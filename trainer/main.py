@@ -1,0 +1,93 @@
+"""Per-host trainer entry: `python -m trainer.main --config RUN_DIR/config.yaml --process-id I ...`.
+
+Started by the launcher's host actor, one per host. Exit codes: 0 done, 2 user error (bad data or
+checkpoint: fix and relaunch), 1 any other failure.
+"""
+import argparse
+import logging
+import os
+import sys
+import time
+
+EXIT_OK, EXIT_FAILED, EXIT_USER_ERROR = 0, 1, 2
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m trainer.main", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="resolved run config (YAML)")
+    p.add_argument("--process-id", type=int, required=True)
+    p.add_argument("--num-processes", type=int, required=True)
+    p.add_argument("--coordinator", required=True, help="host:port of host 0")
+    p.add_argument("--devices", type=int, default=0, help="CPU devices for this process (local pods)")
+    p.add_argument("--attempt", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def _setup_logging(host: int) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"[host {host}] %(levelname)s %(name)s: %(message)s"))
+    plain = logging.StreamHandler(sys.stdout)
+    plain.setFormatter(logging.Formatter(f"[host {host}] %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    for name in ("trainer", "trainer.loop", "trainer.checkpoint"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    prog = logging.getLogger("trainer.progress")
+    prog.handlers[:] = [plain]
+    prog.propagate = False
+    prog.setLevel(logging.INFO)
+
+
+def main(argv=None) -> int:
+    start = time.time()
+    args = _parse(argv if argv is not None else sys.argv[1:])
+    _setup_logging(args.process_id)
+    from trainer import distributed
+
+    distributed.watch_parent()
+    if args.devices:
+        distributed.set_cpu_devices(args.devices)
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(args.config)
+    from trainer.events import EventLog
+
+    events = EventLog(cfg.run.dir, args.process_id, args.attempt)
+    events("process_start", pid=os.getpid())
+    init_s = distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                    int(cfg.trainer.init_timeout_s))
+    events("distributed_ready", seconds=round(init_s, 4))
+
+    from trainer.checkpoint import CheckpointError
+    from trainer.data import DataError
+    from trainer.loop import Loop, write_result
+
+    try:
+        result = Loop(cfg, events, start).run()
+    except (CheckpointError, DataError) as e:
+        logging.getLogger("trainer").error("%s", e)
+        events("error", kind="user", message=str(e))
+        return EXIT_USER_ERROR
+    if args.process_id == 0:
+        result["attempt"] = args.attempt
+        write_result(cfg.run.dir, result)
+    events("done", step=result["final_step"])
+    try:
+        import jax
+
+        jax.distributed.shutdown()
+    except Exception:  # noqa: BLE001 - best effort; the result is already written
+        pass
+    logging.getLogger("trainer.progress").info("done at step %d | test loss %.4f | params %s",
+                                               result["final_step"], result["eval"]["eval_loss"],
+                                               result["params_digest"][:16])
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown of JAX/gloo threads, which can hang after a finished run.
+    os._exit(code)

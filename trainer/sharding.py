@@ -1,0 +1,81 @@
+"""Device mesh (data, fsdp, tensor) from config and the logical-axis rules that map parameters onto it.
+
+fsdp shards parameters and optimizer state along `embed`; tensor shards heads, MLP and vocab;
+the batch is split over data x fsdp.
+"""
+from typing import Dict, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_RULES: Tuple[Tuple[str, object], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("length", None),
+)
+
+
+def resolve_mesh_shape(shape: Dict[str, int], num_devices: int) -> Dict[str, int]:
+    """Fill the one -1 axis so the product equals num_devices; raise ValueError naming the axis otherwise."""
+    sizes = {a: int(shape[a]) for a in AXES}
+    fill = [a for a in AXES if sizes[a] == -1]
+    if len(fill) > 1:
+        raise ValueError(f"mesh.{fill[1]}: only one mesh axis may be -1 (got {', '.join(fill)})")
+    for a in AXES:
+        if sizes[a] == 0 or sizes[a] < -1:
+            raise ValueError(f"mesh.{a}: size must be a positive integer or -1, got {sizes[a]}")
+    known = int(np.prod([v for v in sizes.values() if v != -1]))
+    if fill:
+        if num_devices % known:
+            raise ValueError(f"mesh.{fill[0]}: cannot fill: {num_devices} devices are not divisible by "
+                             f"the other axes' product {known}")
+        sizes[fill[0]] = num_devices // known
+    product = int(np.prod(list(sizes.values())))
+    if product != num_devices:
+        raise ValueError(f"mesh: data x fsdp x tensor = {product} but the pod has {num_devices} devices "
+                         f"(set one axis to -1 to fill)")
+    return sizes
+
+
+def make_mesh(shape: Dict[str, int], devices: Sequence = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = resolve_mesh_shape(shape, len(devices))
+    # Devices sorted by (process, id): each process owns a contiguous block of the leading axes,
+    # so a host's share of the batch is one contiguous block of rows.
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    grid = np.array(ordered, dtype=object).reshape(tuple(sizes[a] for a in AXES))
+    return Mesh(grid, AXES)
+
+
+def logical_to_sharding(logical_specs, mesh: Mesh):
+    """Map a pytree of logical PartitionSpecs (from nn.get_partition_spec) to NamedShardings."""
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(("data", "fsdp"), None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def local_rows(mesh: Mesh, global_batch: int, seq_len: int) -> Tuple[int, int]:
+    """The contiguous [start, stop) rows of the global batch this process must feed."""
+    sharding = batch_sharding(mesh)
+    idx = sharding.addressable_devices_indices_map((global_batch, seq_len))
+    starts = [s[0].start or 0 for s in idx.values()]
+    stops = [global_batch if s[0].stop is None else s[0].stop for s in idx.values()]
+    start, stop = min(starts), max(stops)
+    covered = sorted({(a, b) for a, b in zip(starts, stops)})
+    if sum(b - a for a, b in covered) != stop - start and len(covered) > 1:
+        raise ValueError("mesh: this process's batch rows are not contiguous; reorder the mesh axes")
+    return start, stop
