@@ -1,0 +1,47 @@
+"""Test helper: an in-memory GCS emulator (gcp-storage-emulator) on a free loopback port."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+DEFAULT_BUCKET = "test-bucket"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class GCSEmulator:
+    """Starts/stops the emulator in a background thread; `.url` is what STORAGE_EMULATOR_HOST wants."""
+
+    def __init__(self, bucket: str = DEFAULT_BUCKET):
+        self.bucket = bucket
+        self.port = None
+        self.url = None
+        self._server = None
+
+    def start(self) -> str:
+        from gcp_storage_emulator.server import create_server
+
+        # The emulator logs every request (and harmless BrokenPipe tracebacks); keep tests quiet.
+        logging.getLogger("gcp_storage_emulator").setLevel(logging.ERROR)
+        self.port = _free_port()
+        self._server = create_server("127.0.0.1", self.port, in_memory=True, default_bucket=self.bucket)
+        self._server.start()
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self.url
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
