@@ -63,6 +63,8 @@ class Checkpointer:
                 failures.append(step)
                 continue
             self._event("restore", step=step, seconds=round(time.time() - t0, 4), skipped=failures)
+            if failures:
+                self._set_aside(failures)
             return step, restored["state"], dict(restored["data"])
         if steps:
             raise CheckpointError(
@@ -70,5 +72,34 @@ class Checkpointer:
                 f"nothing was deleted. Fix or move them, or set checkpoint.dir to a new location")
         return None
 
+    def _set_aside(self, steps) -> None:
+        """Move unreadable checkpoints newer than the one restored out of the way (never delete them),
+        so the resumed run can save those steps again."""
+        import jax
+        from jax.experimental import multihost_utils
+
+        root = self.directory.rstrip("/")
+        if jax.process_index() == 0:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for step in steps:
+                src, dst = f"{root}/{step}", f"{root}.unreadable/{step}-{stamp}"
+                _move(src, dst)
+                log.warning("moved unreadable checkpoint %s to %s", src, dst)
+                self._event("checkpoint_set_aside", step=step, to=dst)
+        multihost_utils.sync_global_devices("checkpoint-set-aside")
+        self.manager.reload()
+
     def close(self) -> None:
         self.manager.close()
+
+
+def _move(src: str, dst: str) -> None:
+    if src.startswith("gs://"):
+        import gcsfs
+
+        gcsfs.GCSFileSystem().mv(src, dst, recursive=True)
+    else:
+        import os
+
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.rename(src, dst)

@@ -1,0 +1,33 @@
+"""Test helpers: run the real CLI (`python -m launcher`) and read a run directory."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Small enough that a 2-host x 2-device pod of model=tiny trains a step in well under a second here.
+TINY = ["model=tiny", "data.max_bytes=1500000", "trainer.batch_size=8", "trainer.log_every=2",
+        "trainer.eval_every=4", "trainer.eval_batches=2"]
+
+
+def launch(*overrides, env=None, timeout=300, cwd=None):
+    """Run `python -m launcher OVERRIDES` to completion; returns the CompletedProcess (text output)."""
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = ROOT + (os.pathsep + full_env["PYTHONPATH"] if full_env.get("PYTHONPATH") else "")
+    return subprocess.run([sys.executable, "-m", "launcher", *overrides], cwd=cwd or ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def explain(proc) -> str:
+    return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
