@@ -27,8 +27,12 @@ class RunDir:
 
     def acquire(self) -> None:
         """Create the directory and take the run lock, or fail with a one-line error if a launch is live."""
-        os.makedirs(self.file("logs"), exist_ok=True)
-        fd = os.open(self.file("lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(self.file("logs"), exist_ok=True)
+            fd = os.open(self.file("lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError("run.dir", f"cannot create {self.path}: {e.strerror}",
+                            "choose a writable run.dir") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -67,6 +67,7 @@ class CheckpointConfig:
     dir: str = "${run.dir}/checkpoints"
     async_save: bool = True
     resume: bool = True
+    ocdbt: bool = True  # orbax OCDBT format (false: one tensorstore per array; needed by the GCS emulator)
 
 
 @dataclass

@@ -4,6 +4,7 @@ On any host failing, every other host of the slice is stopped at once (crashes b
 """
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Dict, Optional
@@ -56,12 +57,22 @@ def _project_root() -> str:
     return here if not existing else f"{here}{os.pathsep}{existing}"
 
 
+class Terminated(Exception):
+    """The launcher got SIGTERM: stop the hosts, record the run as failed, exit."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def launch(cfg: DictConfig, plan: Plan, started_at: float) -> int:
     run = RunDir(cfg.run.dir)
     run.acquire()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return _launch(cfg, plan, run, started_at)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         run.release()
 
 
@@ -106,8 +117,8 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
             error = f"host {first} exited with code {bad[first]}; see {run.host_log(first)}"
     except HostStartError as e:
         error = str(e)
-    except KeyboardInterrupt:
-        error = "interrupted"
+    except (KeyboardInterrupt, Terminated) as e:
+        error = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"
         if group is not None:
             group.stop_all()
     finally:

@@ -47,6 +47,10 @@ def check_run(cfg: DictConfig) -> None:
     if not name or "/" in name or name in (".", "..") or any(c.isspace() for c in name):
         raise UserError("run.name", f"'{name}' is not a plain name (no '/', spaces, '.' or '..')",
                         "use letters, digits, '-' or '_', e.g. run.name=demo-1")
+    if not str(cfg.run.dir).strip():
+        raise UserError("run.dir", "is empty", "leave the default runs/${run.name} or set run.dir=PATH")
+    if os.path.islink(cfg.run.dir) and not os.path.exists(cfg.run.dir):
+        raise UserError("run.dir", f"{cfg.run.dir} is a dangling symlink", "remove it or choose another run.dir")
     parent = os.path.dirname(os.path.abspath(cfg.run.dir)) or "."
     probe = os.path.abspath(cfg.run.dir) if os.path.exists(cfg.run.dir) else parent
     while not os.path.exists(probe):
@@ -146,6 +150,8 @@ def check_data(cfg: DictConfig) -> dict:
 
 def check_checkpoint_dir(cfg: DictConfig) -> None:
     path = str(cfg.checkpoint.dir)
+    if not path.strip() or path.rstrip("/") == "gs:/":
+        raise UserError("checkpoint.dir", "is empty", "leave the default ${run.dir}/checkpoints or set a path")
     if path.startswith("gs://"):
         return
     path = os.path.abspath(os.path.expanduser(path))

@@ -1,4 +1,5 @@
 """Tests for config composition (launcher.config) and that each bad input is one `error:` line, exit 2, no writes."""
+import json
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
@@ -164,10 +165,6 @@ def test_bad_inputs_real_cli(bad_env):
     _scratch_untouched(t)
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: launcher/validate.py check_run/check_checkpoint_dir accept an "
-                   "empty path; os.path.abspath('') is the cwd, so run.dir= launches into the current directory "
-                   "(and checkpoint.dir=${run.dir}/checkpoints becomes /checkpoints at the filesystem root), "
-                   "checkpoint.dir= puts step dirs straight into the cwd")
 @pytest.mark.parametrize("key", ["run.dir", "checkpoint.dir"])
 def test_empty_run_or_checkpoint_dir_is_rejected(key, tmp_path, monkeypatch):
     from launcher.validate import validate
@@ -181,3 +178,15 @@ def test_empty_run_or_checkpoint_dir_is_rejected(key, tmp_path, monkeypatch):
     with pytest.raises(UserError) as info:
         validate(cfg)
     assert info.value.key == key
+
+
+def test_dry_run_plans_without_starting_anything(tmp_path, monkeypatch, capsys):
+    from launcher.__main__ import main
+
+    monkeypatch.setenv("TPU_LAUNCHER_CACHE", str(tmp_path / "cache"))
+    code = main(["launcher.dry_run=true", "model=tiny", "data.max_bytes=1500000", f"run.dir={tmp_path}/r",
+                 "+cluster=local", "cluster.hosts=4", "cluster.devices_per_host=4", "mesh.fsdp=2"])
+    assert code == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["hosts"] == 4 and plan["devices"] == 16 and plan["mesh"] == {"data": 8, "fsdp": 2, "tensor": 1}
+    assert not (tmp_path / "r").exists()

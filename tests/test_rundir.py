@@ -184,10 +184,6 @@ def test_cli_refuses_a_run_dir_locked_by_a_live_launch(tmp_path, holder):
         assert json.load(f)["pid"] == proc.pid
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: launcher/rundir.py RunDir.acquire (line 30, os.makedirs) lets "
-                   "OSError escape and launcher/validate.py check_run does not catch a run.dir that is a dangling "
-                   "symlink, so the CLI dies with a FileNotFoundError traceback and exit 1 instead of one "
-                   "'error: run.dir: ...' line and exit 2")
 def test_cli_run_dir_that_cannot_be_created_is_one_error_line(tmp_path):
     rundir = tmp_path / "dangling"
     os.symlink(tmp_path / "nowhere", rundir)

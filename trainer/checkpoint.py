@@ -16,14 +16,22 @@ class CheckpointError(Exception):
     """No checkpoint in the directory could be read: the run must not silently restart at step 0."""
 
 
+class CheckpointSaveError(Exception):
+    """A save did not produce a complete checkpoint (orbax can drop async errors; we verify instead)."""
+
+
 class Checkpointer:
-    def __init__(self, directory: str, keep: int, async_save: bool = True,
+    def __init__(self, directory: str, keep: int, async_save: bool = True, ocdbt: bool = True,
                  on_event: Optional[Callable[..., None]] = None):
         self.directory = directory
         self._event = on_event or (lambda *a, **k: None)
+        self._unverified: Optional[int] = None
         options = ocp.CheckpointManagerOptions(
             max_to_keep=int(keep), enable_async_checkpointing=bool(async_save), create=True)
-        self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+        self.manager = ocp.CheckpointManager(
+            directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(use_ocdbt=bool(ocdbt)),
+                           "data": ocp.JsonCheckpointHandler()})
 
     def steps(self):
         return sorted(self.manager.all_steps())
@@ -35,7 +43,22 @@ class Checkpointer:
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
         blocked = time.time() - t0
         self._event("save_start", step=step, blocking_s=round(blocked, 4))
+        # orbax finishes the previous async save before starting this one: verify that it landed.
+        if self._unverified is not None and self._unverified != step:
+            self._verify(self._unverified)
+        self._unverified = step
         return blocked
+
+    def _verify(self, step: int) -> None:
+        import jax
+
+        if jax.process_index() != 0:  # the primary host finalises (commits) checkpoints; it checks them
+            return
+        self.manager.reload()
+        if step not in self.manager.all_steps():
+            raise CheckpointSaveError(f"checkpoint step {step} was not written completely to {self.directory} "
+                                      f"(see the errors above); the run stops rather than go on unprotected")
+        self._event("save_done", step=step)
 
     def check_errors(self) -> None:
         """Surface an async save failure in the main loop (orbax re-raises it here)."""
@@ -44,7 +67,11 @@ class Checkpointer:
     def wait(self) -> None:
         t0 = time.time()
         self.manager.wait_until_finished()
-        self._event("save_wait", wait_s=round(time.time() - t0, 4), steps=self.steps())
+        self.check_errors()
+        self._event("save_wait", wait_s=round(time.time() - t0, 4))
+        if self._unverified is not None:
+            self._verify(self._unverified)
+            self._unverified = None
 
     def restore_latest(self, abstract_state) -> Optional[Tuple[int, Dict[str, Any], Dict[str, Any]]]:
         """Newest readable checkpoint as (step, state, data_state); None if there is none at all."""

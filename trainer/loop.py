@@ -74,7 +74,8 @@ class Loop:
     def run(self) -> dict:
         cfg, ev = self.cfg, self.events
         shardings = state_shardings(self.model, self.tx, self.mesh, self.seq_len)
-        ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep, cfg.checkpoint.async_save, on_event=ev)
+        ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep, cfg.checkpoint.async_save,
+                            cfg.checkpoint.get("ocdbt", True), on_event=ev)
         restored = None
         if cfg.checkpoint.resume:
             target = abstract_state(self.model, self.tx, self.mesh, self.seq_len, shardings)
@@ -136,7 +137,6 @@ class Loop:
                     ckpt.save(done, state, stream.state())
                 ckpt.check_errors()
             ckpt.wait()
-            ckpt.check_errors()
         finally:
             stream.close()
         final_step = int(state["step"])
