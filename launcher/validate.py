@@ -12,7 +12,7 @@ from omegaconf import DictConfig, open_dict
 from cluster.slice import SliceSpec, local_slice
 from launcher.errors import UserError
 from trainer.data import DataError, ensure_default_corpus, read_manifest
-from trainer.sharding import resolve_mesh_shape
+from trainer.mesh_shape import resolve_mesh_shape
 
 PROVIDERS = ("local",)
 DTYPES = ("float32", "bfloat16")

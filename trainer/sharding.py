@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ("data", "fsdp", "tensor")
+from trainer.mesh_shape import AXES, resolve_mesh_shape  # noqa: F401 - re-exported
 
 LOGICAL_RULES: Tuple[Tuple[str, object], ...] = (
     ("batch", ("data", "fsdp")),
@@ -21,28 +21,6 @@ LOGICAL_RULES: Tuple[Tuple[str, object], ...] = (
     ("kv", None),
     ("length", None),
 )
-
-
-def resolve_mesh_shape(shape: Dict[str, int], num_devices: int) -> Dict[str, int]:
-    """Fill the one -1 axis so the product equals num_devices; raise ValueError naming the axis otherwise."""
-    sizes = {a: int(shape[a]) for a in AXES}
-    fill = [a for a in AXES if sizes[a] == -1]
-    if len(fill) > 1:
-        raise ValueError(f"mesh.{fill[1]}: only one mesh axis may be -1 (got {', '.join(fill)})")
-    for a in AXES:
-        if sizes[a] == 0 or sizes[a] < -1:
-            raise ValueError(f"mesh.{a}: size must be a positive integer or -1, got {sizes[a]}")
-    known = int(np.prod([v for v in sizes.values() if v != -1]))
-    if fill:
-        if num_devices % known:
-            raise ValueError(f"mesh.{fill[0]}: cannot fill: {num_devices} devices are not divisible by "
-                             f"the other axes' product {known}")
-        sizes[fill[0]] = num_devices // known
-    product = int(np.prod(list(sizes.values())))
-    if product != num_devices:
-        raise ValueError(f"mesh: data x fsdp x tensor = {product} but the pod has {num_devices} devices "
-                         f"(set one axis to -1 to fill)")
-    return sizes
 
 
 def make_mesh(shape: Dict[str, int], devices: Sequence = None) -> Mesh:
