@@ -80,12 +80,24 @@ class MeshConfig:
 @dataclass
 class ClusterConfig:
     provider: str = "local"  # local | gcp
-    hosts: int = 2
-    devices_per_host: int = 2
-    accelerator_type: Optional[str] = None  # e.g. v4-32; null for the local pod derives a v4-style name
+    accelerator_type: Optional[str] = None  # e.g. v4-32 (see cluster/catalog.py); null for the plain local pod
+    num_slices: int = 1  # > 1: multislice, a `dcn` data-parallel mesh axis across slices
+    hosts: Optional[int] = 2  # per slice; derived from accelerator_type when null
+    devices_per_host: Optional[int] = 2  # derived from accelerator_type when null
     tpu_version: str = "v4"
     cpus_per_host: int = 1
     slice_name: Optional[str] = None  # null = derived from run.name
+    project: Optional[str] = None
+    zone: Optional[str] = None
+    runtime_version: Optional[str] = None  # null = the catalog's default for the TPU version
+    capacity: str = "on_demand"  # on_demand | spot | reserved
+    network: Optional[str] = None
+    subnetwork: Optional[str] = None
+    service_account: Optional[str] = None
+    labels: Dict[str, str] = field(default_factory=dict)
+    bucket: Optional[str] = None  # gs://bucket[/prefix] for run storage on cloud runs
+    price_on_demand: Optional[float] = None  # USD per chip-hour; null = catalog list price
+    price_spot: Optional[float] = None
 
 
 @dataclass
