@@ -12,6 +12,14 @@ from cluster.slice import SliceSpec
 log = logging.getLogger("cluster.local")
 
 
+CPU_DEVICES_ENV = "LAUNCHER_CPU_DEVICES"
+
+
+def cpu_host_env(spec: SliceSpec, worker_id: int) -> dict:
+    """A TPU VM's env vars, plus the number of CPU devices its trainer should fake (this host has no TPU)."""
+    return {**spec.host_env(worker_id), CPU_DEVICES_ENV: str(spec.devices_per_host)}
+
+
 class LocalProvider:
     """Brings a slice up as local Ray nodes (own cluster) and tears it down."""
 
@@ -36,7 +44,7 @@ class LocalProvider:
     def add_host(self, worker_id: int, wait: bool = True):
         return self.cluster.add_node(
             wait=wait, num_cpus=self.cpus_per_host, resources=self.spec.host_resources(worker_id),
-            labels=self.spec.host_labels(worker_id), env_vars=self.spec.host_env(worker_id),
+            labels=self.spec.host_labels(worker_id), env_vars=cpu_host_env(self.spec, worker_id),
             object_store_memory=80 * 1024 * 1024)
 
     def down(self) -> None:

@@ -19,6 +19,7 @@ class SliceSpec:
     hosts: int
     devices_per_host: int
     topology: str
+    ray_accelerator: str = ""  # Ray's accelerator type, e.g. TPU-V4; default from tpu_version
 
     @property
     def head_resource(self) -> str:
@@ -26,7 +27,7 @@ class SliceSpec:
 
     @property
     def accelerator_resource(self) -> str:
-        return f"accelerator_type:TPU-{self.tpu_version.upper()}"
+        return f"accelerator_type:{self.ray_accelerator or 'TPU-' + self.tpu_version.upper()}"
 
     def host_resources(self, worker_id: int) -> Dict[str, float]:
         res = {"TPU": float(self.devices_per_host), self.accelerator_resource: 1.0, self.name: 1.0}
@@ -56,3 +57,10 @@ def local_slice(run_name: str, hosts: int, devices_per_host: int, tpu_version: s
     accel = accelerator_type or f"{tpu_version}-{chips * CORES_PER_CHIP.get(tpu_version, 1)}"
     return SliceSpec(name=name or slice_name_for(run_name), accelerator_type=accel, tpu_version=tpu_version,
                      hosts=hosts, devices_per_host=devices_per_host, topology=f"{devices_per_host}x{hosts}")
+
+
+def catalog_slice(name: str, tpu) -> SliceSpec:
+    """The slice of a catalog TPU type (cluster.catalog.TpuType): hosts, devices and topology from the catalog."""
+    return SliceSpec(name=name, accelerator_type=tpu.name, tpu_version=tpu.version, hosts=tpu.hosts,
+                     devices_per_host=tpu.devices_per_host, topology=tpu.topology,
+                     ray_accelerator=tpu.ray_resource_name)

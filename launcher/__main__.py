@@ -42,18 +42,19 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    if cfg.launcher.dry_run:
-        import json
-
-        print(json.dumps({"run": cfg.run.name, "run_dir": cfg.run.dir, "accelerator_type": plan.slice.accelerator_type,
-                          "slice": plan.slice.name, "hosts": plan.slice.hosts,
-                          "devices_per_host": plan.slice.devices_per_host, "devices": plan.devices,
-                          "mesh": plan.mesh, "data": cfg.data.path,
-                          "train_records": plan.manifest["splits"]["train"]["records"]}, indent=2))
-        return 0
     from launcher.supervisor import launch
 
     try:
+        if cfg.launcher.dry_run or (cfg.cluster.provider != "local" and cfg.launcher.preflight):
+            from launcher import plan as planning
+
+            p = planning.make_plan(cfg, plan, compile=True)
+            print(planning.describe(p), flush=True)
+            if cfg.launcher.dry_run:
+                planning.write_plan(cfg.run.dir, p)
+                print(f"[launcher] dry run: nothing created; plan in {cfg.run.dir}/plan.json")
+                return 0
+            planning.refuse_if_unfit(p)
         return launch(cfg, plan, started_at)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

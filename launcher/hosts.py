@@ -16,6 +16,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.local import CPU_DEVICES_ENV
 from cluster.slice import SliceSpec
 
 
@@ -41,6 +42,10 @@ class HostActor:
         """Run the trainer to completion; its output goes to log_path. Returns its exit code."""
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         full_env = {**os.environ, **env}
+        cpu_devices = os.environ.get(CPU_DEVICES_ENV)
+        if cpu_devices:  # a stand-in host (local pod, test VM): CPU devices in place of TPU chips
+            argv = [*argv, "--devices", cpu_devices]
+            full_env["JAX_PLATFORMS"] = "cpu"
         with open(log_path, "ab", buffering=0) as log:
             self.proc = subprocess.Popen([sys.executable, *argv], env=full_env, cwd=cwd, stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -98,6 +98,9 @@ class ClusterConfig:
     bucket: Optional[str] = None  # gs://bucket[/prefix] for run storage on cloud runs
     price_on_demand: Optional[float] = None  # USD per chip-hour; null = catalog list price
     price_spot: Optional[float] = None
+    tpu_api_endpoint: Optional[str] = None  # Cloud TPU API override (http://host:port: a test server, no credentials)
+    provision_timeout_s: int = 3600
+    delete_on_exit: bool = True  # delete the TPU resources when the launch ends
 
 
 @dataclass
@@ -109,7 +112,8 @@ class RayConfig:
 @dataclass
 class LauncherConfig:
     echo: bool = True  # print host 0's progress lines in this terminal
-    dry_run: bool = False
+    dry_run: bool = False  # compose, validate and plan (plan.json); create nothing
+    preflight: bool = True  # before a cloud launch, AOT-compile the step for the TPU topology and check HBM
 
 
 @dataclass

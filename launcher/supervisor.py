@@ -37,8 +37,6 @@ def _trainer_argv(run: RunDir, cfg: DictConfig, plan: Plan, coordinator: str, at
     def argv_for(i: int):
         argv = ["-m", "trainer.main", "--config", run.file("config.yaml"), "--process-id", str(i),
                 "--num-processes", str(plan.slice.hosts), "--coordinator", coordinator, "--attempt", str(attempt)]
-        if cfg.cluster.provider == "local":
-            argv += ["--devices", str(plan.slice.devices_per_host)]
         return argv
 
     return argv_for
@@ -46,8 +44,6 @@ def _trainer_argv(run: RunDir, cfg: DictConfig, plan: Plan, coordinator: str, at
 
 def _trainer_env(cfg: DictConfig):
     env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": _project_root()}
-    if cfg.cluster.provider == "local":
-        env["JAX_PLATFORMS"] = "cpu"
     return lambda i: dict(env)
 
 

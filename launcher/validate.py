@@ -5,16 +5,18 @@ embedded corpus on first use), the mesh sizes and the slice to run on.
 """
 import os
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 from omegaconf import DictConfig, open_dict
 
-from cluster.slice import SliceSpec, local_slice
+from cluster import catalog
+from cluster.slice import SliceSpec, catalog_slice, local_slice, slice_name_for
 from launcher.errors import UserError
 from trainer.data import DataError, ensure_default_corpus, read_manifest
 from trainer.mesh_shape import resolve_mesh_shape
 
-PROVIDERS = ("local",)
+PROVIDERS = ("local", "gcp")
+CAPACITIES = ("on_demand", "spot", "reserved")
 DTYPES = ("float32", "bfloat16")
 POSITIONS = ("rotary", "learned")
 
@@ -25,6 +27,8 @@ class Plan:
     mesh: Dict[str, int]
     slice: SliceSpec
     manifest: dict
+    tpu: Optional[object] = None  # cluster.catalog.TpuType when cluster.accelerator_type is set
+    num_slices: int = 1
 
 
 def _positive(cfg: DictConfig, *keys: str, allow_zero=()):
@@ -59,14 +63,49 @@ def check_run(cfg: DictConfig) -> None:
         raise UserError("run.dir", f"{probe} is not a writable directory", "choose a writable run.dir")
 
 
-def check_cluster(cfg: DictConfig) -> SliceSpec:
+def check_cluster(cfg: DictConfig):
+    """The slice to run on (from the catalog when cluster.accelerator_type is set) and the catalog entry."""
     c = cfg.cluster
     if c.provider not in PROVIDERS:
         raise UserError("cluster.provider", f"unknown provider '{c.provider}'",
                         f"choose one of: {', '.join(PROVIDERS)}")
-    _positive(cfg, "cluster.hosts", "cluster.devices_per_host", "cluster.cpus_per_host", allow_zero=("cluster.cpus_per_host",))
-    return local_slice(cfg.run.name, int(c.hosts), int(c.devices_per_host), str(c.tpu_version),
-                       c.accelerator_type, c.slice_name)
+    _positive(cfg, "cluster.num_slices", "cluster.cpus_per_host", allow_zero=("cluster.cpus_per_host",))
+    if c.capacity not in CAPACITIES:
+        raise UserError("cluster.capacity", f"unknown capacity '{c.capacity}'", f"choose one of: {', '.join(CAPACITIES)}")
+    name = c.slice_name or slice_name_for(cfg.run.name)
+    if not c.accelerator_type:
+        if c.provider != "local":
+            raise UserError("cluster.accelerator_type", f"is required for provider {c.provider}",
+                            "e.g. +cluster=v4-32 or cluster.accelerator_type=v4-32")
+        _positive(cfg, "cluster.hosts", "cluster.devices_per_host")
+        return local_slice(cfg.run.name, int(c.hosts), int(c.devices_per_host), str(c.tpu_version),
+                           None, name), None
+    try:
+        tpu = catalog.lookup(str(c.accelerator_type))
+    except catalog.CatalogError as e:
+        raise UserError("cluster.accelerator_type", str(e), "pick a type from cluster/catalog.py, e.g. v4-32") from None
+    for key, given, derived in (("cluster.hosts", c.hosts, tpu.hosts),
+                                ("cluster.devices_per_host", c.devices_per_host, tpu.devices_per_host)):
+        if given is not None and int(given) != derived:
+            raise UserError(key, f"{tpu.name} has {derived}, not {given}", f"leave {key} unset (null) for {tpu.name}")
+    return catalog_slice(name, tpu), tpu
+
+
+def check_gcp(cfg: DictConfig) -> None:
+    """Project, zone and credentials for the Cloud TPU API, before anything is created."""
+    c = cfg.cluster
+    for key in ("project", "zone"):
+        if not c[key]:
+            raise UserError(f"cluster.{key}", "is required for provider gcp", f"pass cluster.{key}=...")
+    if c.tpu_api_endpoint or cfg.launcher.dry_run:
+        return  # a local Cloud TPU API server (tests) needs none; a dry run creates nothing
+    try:
+        import google.auth
+
+        google.auth.default()
+    except Exception as e:  # noqa: BLE001 - any failure means no usable credentials
+        raise UserError("credentials", f"no Google credentials found ({type(e).__name__})",
+                        "run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS") from None
 
 
 def check_mesh(cfg: DictConfig, devices: int) -> Dict[str, int]:
@@ -171,11 +210,16 @@ def validate(cfg: DictConfig) -> Plan:
     check_run(cfg)
     with open_dict(cfg):
         cfg.run.dir = os.path.abspath(os.path.expanduser(cfg.run.dir))
-    spec = check_cluster(cfg)
-    devices = spec.hosts * spec.devices_per_host
+    spec, tpu = check_cluster(cfg)
+    if cfg.cluster.provider == "gcp":
+        check_gcp(cfg)
+    num_slices = int(cfg.cluster.num_slices)
+    if num_slices > 1:
+        raise UserError("cluster.num_slices", "multislice runs are not supported yet", "use cluster.num_slices=1")
+    devices = spec.hosts * spec.devices_per_host * num_slices
     mesh = check_mesh(cfg, devices)
     check_model(cfg, mesh)
     check_trainer(cfg, mesh)
     check_checkpoint_dir(cfg)
     manifest = check_data(cfg)
-    return Plan(devices=devices, mesh=mesh, slice=spec, manifest=manifest)
+    return Plan(devices=devices, mesh=mesh, slice=spec, manifest=manifest, tpu=tpu, num_slices=num_slices)

@@ -1,0 +1,113 @@
+"""The launch plan: topology, mesh, memory per chip (from the TPU compiler, or analytic), cost and step time.
+
+`launcher.dry_run=true` writes it to ${run.dir}/plan.json and stops; a cloud launch computes it first and
+refuses to provision a step that does not fit in the chips' HBM.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from cluster import catalog
+from launcher.errors import UserError
+from launcher.validate import Plan
+
+GiB = 1024 ** 3
+
+
+def tpu_compiler_installed() -> bool:
+    """libtpu (the `tpu` extra) present: the step can be AOT-compiled for a TPU topology on this CPU."""
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def _preflight(cfg: DictConfig, topology: Optional[str], num_slices: int, analytic: bool, devices: int) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(OmegaConf.to_yaml(cfg, resolve=True))
+        path = f.name
+    argv = [sys.executable, "-m", "trainer.preflight", "--config", path, "--num-slices", str(num_slices)]
+    argv += ["--topology", topology] if topology else ["--devices", str(devices)]
+    if analytic:
+        argv.append("--analytic")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
+    finally:
+        os.unlink(path)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["preflight failed"])[-1]
+        raise UserError("launcher.preflight", last, "fix the model/mesh config, or skip with launcher.preflight=false")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def make_plan(cfg: DictConfig, plan: Plan, compile: bool = True) -> dict:
+    tpu = plan.tpu
+    analytic = not (compile and tpu is not None and tpu_compiler_installed())
+    pre = _preflight(cfg, tpu.jax_topology_name if tpu else None, plan.num_slices, analytic, plan.devices)
+    out = {
+        "run": cfg.run.name, "provider": cfg.cluster.provider,
+        "accelerator_type": plan.slice.accelerator_type, "num_slices": plan.num_slices,
+        "hosts": plan.slice.hosts * plan.num_slices, "chips_per_host": plan.slice.devices_per_host,
+        "devices": plan.devices, "mesh": plan.mesh, "params": pre.get("params"),
+        "est_hbm_bytes_per_chip": pre.get("est_hbm_bytes_per_chip"),
+        "hbm_bytes_per_chip": tpu.hbm_bytes_per_chip if tpu else None,
+        "preflight": pre.get("preflight"), "compile_s": pre.get("compile_s", 0.0),
+        "largest_buffers": pre.get("largest_buffers", []),
+        "cost_per_hour_usd": None, "est_step_time_s": None,
+    }
+    out["fits"] = (out["est_hbm_bytes_per_chip"] <= out["hbm_bytes_per_chip"]
+                   if tpu and out["est_hbm_bytes_per_chip"] is not None else None)
+    if tpu is not None:
+        out["cost_per_hour_usd"] = catalog.cost_per_hour(tpu, plan.num_slices, on_demand=cfg.cluster.price_on_demand,
+                                                         spot=cfg.cluster.price_spot)
+        out["est_step_time_s"] = _step_time(cfg, out["params"], tpu.chips * plan.num_slices,
+                                            tpu.peak_bf16_flops_per_chip)
+    return out
+
+
+def _step_time(cfg: DictConfig, params: Optional[int], chips: int, peak: float, mfu: float = 0.4) -> Optional[float]:
+    """MaxText-style model FLOPs (6 x params x tokens + causal attention at half) at an assumed 40% MFU."""
+    if not params:
+        return None
+    m, tokens = cfg.model, cfg.trainer.batch_size * cfg.model.seq_len
+    attention = 6 * m.n_layers * tokens * m.seq_len * m.d_model  # 12 x L x T x S x d, causal at half
+    return (6 * params * tokens + attention) / (peak * chips * mfu)
+
+
+def refuse_if_unfit(p: dict) -> None:
+    if p["fits"] is False:
+        top = ", ".join(f"{b.get('name')} {b.get('bytes', 0) / GiB:.2f} GiB" for b in p["largest_buffers"][:3])
+        raise UserError("model", f"the train step needs {p['est_hbm_bytes_per_chip'] / GiB:.1f} GiB per chip but a "
+                        f"{p['accelerator_type']} chip has {p['hbm_bytes_per_chip'] / GiB:.1f} GiB (largest: {top})",
+                        "use a smaller model or batch, shard more (mesh.fsdp), or a larger slice")
+
+
+def describe(p: dict) -> str:
+    est = p["est_hbm_bytes_per_chip"]
+    lines = [f"plan for {p['run']}: {p['accelerator_type']} x {p['num_slices']} slice(s), {p['hosts']} hosts, "
+             f"{p['devices']} devices, mesh {p['mesh']}, {p['params']:,} params" if p["params"] else
+             f"plan for {p['run']}: {p['hosts']} hosts, mesh {p['mesh']}"]
+    if est is not None:
+        cap = f" of {p['hbm_bytes_per_chip'] / GiB:.1f} GiB" if p["hbm_bytes_per_chip"] else ""
+        lines.append(f"  memory per chip: {est / GiB:.3f} GiB{cap} ({p['preflight']}, compile {p['compile_s']:.1f}s)"
+                     + ("" if p["fits"] is None else f" -> {'fits' if p['fits'] else 'DOES NOT FIT'}"))
+    if p["cost_per_hour_usd"]:
+        c = p["cost_per_hour_usd"]
+        lines.append(f"  cost: ${c['on_demand']:.2f}/h on demand, ${c['spot']:.2f}/h spot")
+    if p["est_step_time_s"]:
+        lines.append(f"  est. step time at 40% MFU: {p['est_step_time_s']:.4f}s")
+    return "\n".join(lines)
+
+
+def write_plan(run_dir: str, p: dict) -> str:
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "plan.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(p, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    return path
