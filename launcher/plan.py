@@ -42,7 +42,7 @@ def _preflight(cfg: DictConfig, topology: Optional[str], num_slices: int, analyt
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["preflight failed"])[-1]
         raise UserError("launcher.preflight", last, "fix the model/mesh config, or skip with launcher.preflight=false")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout)
 
 
 def make_plan(cfg: DictConfig, plan: Plan, compile: bool = True) -> dict:

@@ -12,6 +12,8 @@ from typing import Dict, Optional
 import ray
 from omegaconf import DictConfig
 
+from cluster.cloud import CloudProvider
+from cluster.gcp import ProvisionError
 from cluster.local import AttachedProvider, LocalProvider
 from launcher.config import to_yaml
 from launcher.errors import EXIT_FAILED, EXIT_OK, EXIT_USER_ERROR
@@ -28,6 +30,14 @@ def _say(msg: str) -> None:
 
 
 def _provider(cfg: DictConfig, plan: Plan):
+    c = cfg.cluster
+    if c.provider == "gcp":
+        return CloudProvider(plan.slice, cfg.ray.address, c.project, c.zone,
+                             c.runtime_version or plan.tpu.default_runtime_version, cfg.run.name, plan.num_slices,
+                             c.capacity, c.network, c.subnetwork, c.service_account, dict(c.labels),
+                             endpoint=c.tpu_api_endpoint, wheel_url=None, timeout_s=float(c.provision_timeout_s),
+                             poll_s=0.5 if c.tpu_api_endpoint else 5.0, delete_on_exit=bool(c.delete_on_exit),
+                             progress=_say)
     if cfg.ray.address:
         return AttachedProvider(plan.slice, cfg.ray.address)
     return LocalProvider(plan.slice, int(cfg.cluster.cpus_per_host), bool(cfg.ray.dashboard))
@@ -111,7 +121,7 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
             first = min(bad)
             code = EXIT_USER_ERROR if bad[first] == EXIT_USER_ERROR else EXIT_FAILED
             error = f"host {first} exited with code {bad[first]}; see {run.host_log(first)}"
-    except HostStartError as e:
+    except (HostStartError, ProvisionError) as e:
         error = str(e)
     except (KeyboardInterrupt, Terminated) as e:
         error = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"
@@ -125,7 +135,11 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
         try:
             ray.shutdown()
         finally:
-            provider.down()
+            try:
+                provider.down()
+            except ProvisionError as e:
+                error = error or f"could not delete the TPU resources: {e}"
+                print(f"error: could not delete the TPU resources: {e}", file=sys.stderr)
     result = run.read_json("result.json") or {}
     if status == "completed" and not result:
         status, code, error = "failed", EXIT_FAILED, "host 0 finished without writing result.json"

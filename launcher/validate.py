@@ -10,6 +10,7 @@ from typing import Dict, Optional
 from omegaconf import DictConfig, open_dict
 
 from cluster import catalog
+from cluster.cloud import cloud_slice_name
 from cluster.slice import SliceSpec, catalog_slice, local_slice, slice_name_for
 from launcher.errors import UserError
 from trainer.data import DataError, ensure_default_corpus, read_manifest
@@ -72,7 +73,7 @@ def check_cluster(cfg: DictConfig):
     _positive(cfg, "cluster.num_slices", "cluster.cpus_per_host", allow_zero=("cluster.cpus_per_host",))
     if c.capacity not in CAPACITIES:
         raise UserError("cluster.capacity", f"unknown capacity '{c.capacity}'", f"choose one of: {', '.join(CAPACITIES)}")
-    name = c.slice_name or slice_name_for(cfg.run.name)
+    name = c.slice_name or (cloud_slice_name(cfg.run.name) if c.provider == "gcp" else slice_name_for(cfg.run.name))
     if not c.accelerator_type:
         if c.provider != "local":
             raise UserError("cluster.accelerator_type", f"is required for provider {c.provider}",
@@ -97,8 +98,13 @@ def check_gcp(cfg: DictConfig) -> None:
     for key in ("project", "zone"):
         if not c[key]:
             raise UserError(f"cluster.{key}", "is required for provider gcp", f"pass cluster.{key}=...")
-    if c.tpu_api_endpoint or cfg.launcher.dry_run:
-        return  # a local Cloud TPU API server (tests) needs none; a dry run creates nothing
+    if cfg.launcher.dry_run:
+        return  # a dry run creates nothing: no head, bucket or credentials needed
+    if not cfg.ray.address:
+        raise UserError("ray.address", "a cloud run needs a Ray head the TPU VMs can reach",
+                        "start one in the same VPC (ray start --head) and pass ray.address=IP:PORT")
+    if c.tpu_api_endpoint:
+        return  # a local Cloud TPU API server (tests): no credentials
     try:
         import google.auth
 

@@ -1,0 +1,58 @@
+"""The cloud pod provider: provision the slice through the Cloud TPU API and let its hosts join the Ray head.
+
+The Ray head must be reachable from the TPU VMs (`ray.address`: a Ray cluster in the same VPC). Each VM's
+startup script (cluster/bootstrap.py) reads the head's address from node metadata and joins it; the
+launcher then reserves the slice in Ray exactly as for a local pod. Nothing here shells out to gcloud.
+"""
+import json
+from typing import Dict, List, Optional
+
+from cluster.bootstrap import HEAD_ADDRESS_ATTR, HEAD_PORT_ATTR, startup_script
+from cluster.gcp import GcpTpuProvider, make_client, tpu_name
+from cluster.slice import SliceSpec
+
+
+class CloudProvider:
+    """up(): ensure the run's queued resource, wait until ACTIVE; down(): delete it (unless kept)."""
+
+    def __init__(self, spec: SliceSpec, ray_address: str, project: str, zone: str, runtime_version: str,
+                 run_name: str, num_slices: int = 1, capacity: str = "on_demand", network: Optional[str] = None,
+                 subnetwork: Optional[str] = None, service_account: Optional[str] = None,
+                 labels: Optional[Dict[str, str]] = None, endpoint: Optional[str] = None,
+                 wheel_url: Optional[str] = None, timeout_s: float = 3600, poll_s: float = 5.0,
+                 delete_on_exit: bool = True, progress=print):
+        self.spec, self.ray_address, self.run_name = spec, ray_address, run_name
+        self.runtime_version, self.num_slices, self.capacity = runtime_version, num_slices, capacity
+        self.network, self.subnetwork, self.service_account = network, subnetwork, service_account
+        self.labels, self.wheel_url, self.delete_on_exit = dict(labels or {}), wheel_url, delete_on_exit
+        self.api = GcpTpuProvider(project, zone, client=make_client(endpoint), poll_s=poll_s, timeout_s=timeout_s,
+                                  progress=progress)
+        self.nodes: List[dict] = []
+
+    def metadata(self) -> Dict[str, str]:
+        host, _, port = self.ray_address.rpartition(":")
+        md = {HEAD_ADDRESS_ATTR: host, HEAD_PORT_ATTR: port, "launcher-run": self.run_name}
+        if self.wheel_url:
+            md["startup-script"] = startup_script(
+                self.wheel_url, host, int(port), json.dumps({self.spec.name: 1}),
+                json.dumps({"ray.io/tpu-slice-name": self.spec.name}))
+        return md
+
+    def up(self) -> str:
+        self.api.ensure(self.run_name, self.spec.accelerator_type, self.runtime_version, self.num_slices,
+                        self.capacity, self.network, self.subnetwork, self.service_account, self.labels,
+                        self.metadata())
+        self.nodes = self.api.wait_active(self.run_name)
+        return self.ray_address
+
+    def node_states(self) -> Dict[str, str]:
+        return self.api.node_states(self.run_name)
+
+    def down(self) -> None:
+        if self.delete_on_exit:
+            self.api.delete(self.run_name, wait=True)
+
+
+def cloud_slice_name(run_name: str) -> str:
+    """The TPU node name of a single-slice run: also the Ray resource its hosts advertise."""
+    return tpu_name(run_name)

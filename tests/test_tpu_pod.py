@@ -1,0 +1,127 @@
+"""Integration: `+cluster=v4-32` end to end through our Cloud TPU API server, with the real google-cloud-tpu client.
+
+The server provisions the queued resource; when its node turns READY, the hosts boot as local Ray nodes that
+read the head address from the node's metadata and advertise what a v4-32 TPU VM does (the bootstrap's job);
+on delete they go away. The launcher sees only the API and Ray.
+"""
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from ray.cluster_utils import Cluster
+
+from cluster import catalog
+from cluster.bootstrap import HEAD_ADDRESS_ATTR, HEAD_PORT_ATTR
+from cluster.local import cpu_host_env
+from cluster.slice import catalog_slice
+from podutil import ROOT, TINY, explain, read_json
+from tpu_api_server import TpuApiServer
+
+pytestmark = pytest.mark.integration
+
+
+class BootedHosts:
+    """Boots a READY node's hosts into the Ray cluster named in its metadata; removes them on delete.
+
+    The API server calls back from its own thread; Ray nodes are added and removed on the test's main
+    thread (Ray requires it), in `pump()`.
+    """
+
+    def __init__(self, cluster: Cluster):
+        self.cluster, self.nodes, self.lock = cluster, {}, threading.Lock()
+        self.errors, self.todo = [], queue.Queue()
+
+    def on_ready(self, node: dict) -> None:
+        self.todo.put((self._boot, node))
+
+    def on_delete(self, node: dict) -> None:
+        self.todo.put((self._remove, node))
+
+    def pump(self) -> None:
+        while not self.todo.empty():
+            fn, node = self.todo.get()
+            fn(node)
+
+    def _boot(self, node: dict) -> None:
+        try:
+            md = node.get("metadata", {})
+            head = f"{md[HEAD_ADDRESS_ATTR]}:{md[HEAD_PORT_ATTR]}"
+            assert head == self.cluster.address, (head, self.cluster.address)
+            name = node["name"].rsplit("/", 1)[-1]
+            spec = catalog_slice(name, catalog.lookup(node["acceleratorType"]))
+            assert len(node["networkEndpoints"]) == spec.hosts
+            booted = [self.cluster.add_node(num_cpus=1, resources=spec.host_resources(i),
+                                            labels=spec.host_labels(i), env_vars=cpu_host_env(spec, i),
+                                            object_store_memory=80 * 1024 * 1024)
+                      for i in range(spec.hosts)]
+            with self.lock:
+                self.nodes[name] = booted
+        except Exception as e:  # noqa: BLE001 - reported by the test
+            self.errors.append(repr(e))
+
+    def _remove(self, node: dict) -> None:
+        name = node["name"].rsplit("/", 1)[-1]
+        with self.lock:
+            booted = self.nodes.pop(name, [])
+        for n in booted:
+            self.cluster.remove_node(n, allow_graceful=False)
+
+
+def launch_pumping(hosts: BootedHosts, *overrides, timeout=600):
+    """Run the CLI while booting/removing hosts on this (main) thread as the API server asks."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", *overrides], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = {}
+    reader = threading.Thread(target=lambda: out.update(zip(("stdout", "stderr"), proc.communicate())))
+    reader.start()
+    deadline = time.time() + timeout
+    while reader.is_alive() and time.time() < deadline:
+        hosts.pump()
+        time.sleep(0.1)
+    hosts.pump()
+    if reader.is_alive():
+        proc.kill()
+        reader.join()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out.get("stdout", ""), out.get("stderr", ""))
+
+
+@pytest.fixture
+def tpu_cloud():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                           "object_store_memory": 80 * 1024 * 1024})
+    hosts = BootedHosts(cluster)
+    server = TpuApiServer(tick_s=0.2, on_ready=hosts.on_ready, on_delete=hosts.on_delete)
+    server.start()
+    try:
+        yield cluster, server, hosts
+    finally:
+        server.stop()
+        cluster.shutdown()
+
+
+def test_v4_32_launch_through_tpu_api(tpu_cloud, tmp_path, corpus_cache):
+    cluster, server, hosts = tpu_cloud
+    run_dir = str(tmp_path / "cloud")
+    proc = launch_pumping(hosts, "+cluster=v4-32", "run.name=cloud-v4", f"run.dir={run_dir}", *TINY, "trainer.batch_size=16", "trainer.steps=4",
+                  "checkpoint.every=4", "cluster.project=test-project", f"cluster.tpu_api_endpoint={server.url}",
+                  f"ray.address={cluster.address}", "launcher.preflight=false", timeout=600)
+    assert proc.returncode == 0, explain(proc) + f"\nboot errors: {hosts.errors}"
+    assert not hosts.errors
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    assert summary["status"] == "completed" and summary["final_step"] == 4
+    assert summary["hosts"] == 4 and summary["devices"] == 16 and summary["accelerator_type"] == "v4-32"
+    # Provisioned once, through the queued-resources API, labelled with the run, then deleted.
+    assert server.count("POST", "queuedResources") == 1
+    body = server.create_bodies[0]
+    node = body["tpu"]["nodeSpec"][0]["node"]
+    assert node["acceleratorType"] == "v4-32"
+    assert node["labels"]["launcher-run"] == "cloud-v4"
+    assert node["runtimeVersion"] == catalog.lookup("v4-32").default_runtime_version
+    assert server.count("DELETE", "queuedResources/cloud-v4-qr") == 1
+    assert not server.queued_resources and not hosts.nodes
+    assert "ACTIVE" in proc.stdout
