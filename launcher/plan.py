@@ -29,7 +29,7 @@ def _preflight(cfg: DictConfig, topology: Optional[str], num_slices: int, analyt
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(OmegaConf.to_yaml(cfg, resolve=True))
         path = f.name
-    argv = [sys.executable, "-m", "trainer.preflight", "--config", path, "--num-slices", str(num_slices)]
+    argv = [sys.executable, "-m", "trainer.preflight", "--config", path, "--num-slices", str(num_slices), "--fast"]
     argv += ["--topology", topology] if topology else ["--devices", str(devices)]
     if analytic:
         argv.append("--analytic")
@@ -40,7 +40,7 @@ def _preflight(cfg: DictConfig, topology: Optional[str], num_slices: int, analyt
     finally:
         os.unlink(path)
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["preflight failed"])[-1]
+        last = (proc.stderr.strip().splitlines() or ["preflight failed"])[-1].removeprefix("preflight: error: ")
         raise UserError("launcher.preflight", last, "fix the model/mesh config, or skip with launcher.preflight=false")
     return json.loads(proc.stdout)
 

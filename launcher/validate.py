@@ -95,11 +95,11 @@ def check_cluster(cfg: DictConfig):
 def check_gcp(cfg: DictConfig) -> None:
     """Project, zone and credentials for the Cloud TPU API, before anything is created."""
     c = cfg.cluster
+    if cfg.launcher.dry_run:
+        return  # a dry run creates nothing: no project, head or credentials needed
     for key in ("project", "zone"):
         if not c[key]:
             raise UserError(f"cluster.{key}", "is required for provider gcp", f"pass cluster.{key}=...")
-    if cfg.launcher.dry_run:
-        return  # a dry run creates nothing: no head, bucket or credentials needed
     if not cfg.ray.address:
         raise UserError("ray.address", "a cloud run needs a Ray head the TPU VMs can reach",
                         "start one in the same VPC (ray start --head) and pass ray.address=IP:PORT")
@@ -220,8 +220,9 @@ def validate(cfg: DictConfig) -> Plan:
     if cfg.cluster.provider == "gcp":
         check_gcp(cfg)
     num_slices = int(cfg.cluster.num_slices)
-    if num_slices > 1:
-        raise UserError("cluster.num_slices", "multislice runs are not supported yet", "use cluster.num_slices=1")
+    if num_slices > 1 and not cfg.launcher.dry_run:
+        raise UserError("cluster.num_slices", "multislice launches are not supported yet (dry runs are)",
+                        "use cluster.num_slices=1, or launcher.dry_run=true to plan")
     devices = spec.hosts * spec.devices_per_host * num_slices
     mesh = check_mesh(cfg, devices)
     check_model(cfg, mesh)

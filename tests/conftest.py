@@ -4,6 +4,9 @@ import os
 
 import pytest
 
+# Tests run JAX on CPU; with the tpu extra installed, keep JAX from probing for (and locking) a TPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 
 @pytest.fixture(scope="session")
 def gcs_emulator():

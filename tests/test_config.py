@@ -187,6 +187,8 @@ def test_dry_run_plans_without_starting_anything(tmp_path, monkeypatch, capsys):
     code = main(["launcher.dry_run=true", "model=tiny", "data.max_bytes=1500000", f"run.dir={tmp_path}/r",
                  "+cluster=local", "cluster.hosts=4", "cluster.devices_per_host=4", "mesh.fsdp=2"])
     assert code == 0
-    plan = json.loads(capsys.readouterr().out)
+    assert "dry run: nothing created" in capsys.readouterr().out
+    plan = json.loads((tmp_path / "r" / "plan.json").read_text())
     assert plan["hosts"] == 4 and plan["devices"] == 16 and plan["mesh"] == {"data": 8, "fsdp": 2, "tensor": 1}
-    assert not (tmp_path / "r").exists()
+    assert plan["preflight"] == "analytic" and plan["hbm_bytes_per_chip"] is None
+    assert sorted(os.listdir(tmp_path / "r")) == ["plan.json"]  # no lock, logs, config or checkpoints

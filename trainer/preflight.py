@@ -374,6 +374,18 @@ def _analytic_for_topology(cfg, topology_name: str, num_slices: int, megacore: b
     return out
 
 
+def _analytic_for_devices(cfg, devices: int) -> dict:
+    """A pod with no TPU type (local CPU devices): memory per device only; no HBM to fit."""
+    try:
+        mesh = resolve_mesh_shape(_mesh_request(cfg), devices)
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
+    out = analytic_estimate(cfg, devices, mesh)
+    out.update(est_hbm_bytes_per_chip=out["bytes_per_device"]["peak_estimate"], hbm_bytes_per_chip=None,
+               fits=None, devices_per_chip=1)
+    return out
+
+
 def run(cfg, topology_name: str, num_slices: int = 1, analytic: bool = False, megacore: bool = True,
         fast: bool = False) -> dict:
     """The compiled pre-flight when libtpu is installed (else, or with analytic=True, the analytic one)."""
@@ -413,7 +425,9 @@ class _QuietStderr:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.preflight", description=__doc__)
     parser.add_argument("--config", required=True, help="a resolved run config YAML (launcher --cfg output)")
-    parser.add_argument("--topology", required=True, help="TPU topology, e.g. v4:2x2x4 (v4-32), v5e:4x4")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--topology", help="TPU topology, e.g. v4:2x2x4 (v4-32), v5e:4x4")
+    where.add_argument("--devices", type=int, help="no TPU type (a plain local pod): analytic, N devices")
     parser.add_argument("--num-slices", type=int, default=1)
     parser.add_argument("--analytic", action="store_true", help="skip the TPU compiler: analytic estimate")
     parser.add_argument("--per-core", action="store_true",
@@ -430,7 +444,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise PreflightError(f"--config {args.config}: no such file")
         cfg = OmegaConf.load(args.config)
         with _QuietStderr(replay=args.verbose):
-            out = run(cfg, args.topology, args.num_slices, args.analytic, not args.per_core, args.fast)
+            out = (run(cfg, args.topology, args.num_slices, args.analytic, not args.per_core, args.fast)
+                   if args.topology else _analytic_for_devices(cfg, args.devices))
     except Exception as e:  # noqa: BLE001 - one line for the launcher, whatever went wrong
         kind = "" if isinstance(e, PreflightError) else f"{type(e).__name__}: "
         print(f"preflight: error: {kind}{_first_line(e)}", file=sys.stderr)

@@ -1,0 +1,51 @@
+"""Dry-run plans for every shipped cluster config, and the pre-flight refusing a step that does not fit."""
+import json
+import os
+
+import pytest
+
+from launcher.plan import tpu_compiler_installed
+from podutil import ROOT, explain, launch
+from tpu_api_server import TpuApiServer
+
+CLUSTERS = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "conf", "cluster"))
+                  if f.endswith(".yaml") and f != "local.yaml")
+KEYS = {"accelerator_type", "num_slices", "hosts", "chips_per_host", "devices", "mesh", "params",
+        "est_hbm_bytes_per_chip", "hbm_bytes_per_chip", "fits", "preflight", "compile_s", "cost_per_hour_usd",
+        "est_step_time_s"}
+
+
+def test_shipped_clusters_are_the_issue_list():
+    assert set(CLUSTERS) >= {"v4-8", "v4-32", "v5litepod-16", "v5p-32", "v6e-16", "v4-32x2"}
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS)
+def test_dry_run_plan(cluster, tmp_path, corpus_cache):
+    run_dir = tmp_path / "r"
+    proc = launch(f"+cluster={cluster}", "launcher.dry_run=true", "model=tiny", "trainer.batch_size=64",
+                  "data.max_bytes=1500000", f"run.dir={run_dir}")
+    assert proc.returncode == 0, explain(proc)
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert KEYS <= set(plan)
+    assert plan["accelerator_type"] in cluster
+    assert plan["devices"] == plan["hosts"] * plan["chips_per_host"]
+    assert plan["devices"] == plan["mesh"]["data"] * plan["mesh"]["fsdp"] * plan["mesh"]["tensor"]
+    assert plan["preflight"] == ("tpu-compiler" if tpu_compiler_installed() else "analytic")
+    assert 0 < plan["est_hbm_bytes_per_chip"] < plan["hbm_bytes_per_chip"] and plan["fits"] is True
+    assert plan["cost_per_hour_usd"]["spot"] < plan["cost_per_hour_usd"]["on_demand"]
+    assert plan["est_step_time_s"] > 0
+    assert os.listdir(run_dir) == ["plan.json"]  # nothing else written, nothing created
+
+
+@pytest.mark.skipif(not tpu_compiler_installed(), reason="needs the tpu extra (CI installs it)")
+def test_preflight_refuses_unfit_model_before_provisioning(tmp_path, corpus_cache):
+    with TpuApiServer() as server:
+        proc = launch("+cluster=v5litepod-16", "cluster.project=p", f"cluster.tpu_api_endpoint={server.url}",
+                      "ray.address=127.0.0.1:1", "model=base", "model.d_model=4096", "model.n_heads=32",
+                      "model.d_ff=16384", "model.n_layers=8", "data.max_bytes=1500000", f"run.dir={tmp_path}/r")
+        assert proc.returncode == 2, explain(proc)
+        line = proc.stderr.strip().splitlines()
+        assert len(line) == 1 and line[0].startswith("error: model:") and "GiB per chip" in line[0]
+        assert "opt_state" in line[0]  # names the largest buffers
+        assert server.requests == []  # nothing provisioned
+    assert not (tmp_path / "r").exists()
