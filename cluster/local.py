@@ -5,7 +5,7 @@ fails and drains them exactly as it does TPU VMs. Trainers then run on those nod
 """
 import logging
 import time
-from typing import Optional
+from typing import List, Optional, Union
 
 from cluster.slice import SliceSpec
 
@@ -21,10 +21,11 @@ def cpu_host_env(spec: SliceSpec, worker_id: int) -> dict:
 
 
 class LocalProvider:
-    """Brings a slice up as local Ray nodes (own cluster) and tears it down."""
+    """Brings one or more slices up as local Ray nodes (own cluster) and tears them down."""
 
-    def __init__(self, spec: SliceSpec, cpus_per_host: int = 1, dashboard: bool = False):
-        self.spec, self.cpus_per_host, self.dashboard = spec, cpus_per_host, dashboard
+    def __init__(self, slices: Union[SliceSpec, List[SliceSpec]], cpus_per_host: int = 1, dashboard: bool = False):
+        self.slices = [slices] if isinstance(slices, SliceSpec) else list(slices)
+        self.cpus_per_host, self.dashboard = cpus_per_host, dashboard
         self.cluster = None
         self.nodes = []
 
@@ -35,16 +36,17 @@ class LocalProvider:
         t0 = time.time()
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "include_dashboard": self.dashboard, "object_store_memory": 80 * 1024 * 1024})
-        for worker_id in range(self.spec.hosts):
-            self.nodes.append(self.add_host(worker_id, wait=False))
+        for spec in self.slices:
+            for worker_id in range(spec.hosts):
+                self.nodes.append(self.add_host(spec, worker_id, wait=False))
         self.cluster.wait_for_nodes()
-        log.info("local slice %s: %d hosts up in %.1fs", self.spec.name, self.spec.hosts, time.time() - t0)
+        log.info("local pod: %d hosts up in %.1fs", len(self.nodes), time.time() - t0)
         return self.cluster.address
 
-    def add_host(self, worker_id: int, wait: bool = True):
+    def add_host(self, spec: SliceSpec, worker_id: int, wait: bool = True):
         return self.cluster.add_node(
-            wait=wait, num_cpus=self.cpus_per_host, resources=self.spec.host_resources(worker_id),
-            labels=self.spec.host_labels(worker_id), env_vars=cpu_host_env(self.spec, worker_id),
+            wait=wait, num_cpus=self.cpus_per_host, resources=spec.host_resources(worker_id),
+            labels=spec.host_labels(worker_id), env_vars=cpu_host_env(spec, worker_id),
             object_store_memory=80 * 1024 * 1024)
 
     def down(self) -> None:
@@ -59,8 +61,8 @@ class LocalProvider:
 class AttachedProvider:
     """An existing Ray cluster (`ray.address`) whose TPU hosts are already up; nothing to create or delete."""
 
-    def __init__(self, spec: SliceSpec, address: str):
-        self.spec, self.address = spec, address
+    def __init__(self, address: str):
+        self.address = address
 
     def up(self) -> Optional[str]:
         return self.address

@@ -98,10 +98,39 @@ class SliceGroup:
             raise HostStartError(f"slice {spec.name}: hosts report TPU worker ids {ids}, "
                                  f"expected 0..{spec.hosts - 1}")
 
+    def close(self) -> None:
+        for a in getattr(self, "actors", []):
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001
+                pass
+        try:
+            remove_placement_group(self.pg)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class Pod:
+    """Every slice of a run, reserved slice by slice; JAX process id = slice index x hosts + TPU worker id."""
+
+    def __init__(self, slices: List[SliceSpec], timeout_s: float):
+        self.groups: List[SliceGroup] = []
+        try:
+            for spec in slices:
+                self.groups.append(SliceGroup(spec, timeout_s))
+        except BaseException:
+            self.close()
+            raise
+        self.actors = [a for g in self.groups for a in g.actors]
+        self.infos = [dict(info, slice=i) for i, g in enumerate(self.groups) for info in g.infos]
+
     @property
     def coordinator(self) -> str:
         head = self.infos[0]
         return f"{head['ip']}:{head['port']}"
+
+    def slice_of(self, process_id: int) -> int:
+        return self.infos[process_id]["slice"]
 
     def start(self, argv_for, env_for, log_path_for, cwd: str):
         """Start every host's trainer; returns the ObjectRefs of their exit codes, by process id."""
@@ -116,15 +145,8 @@ class SliceGroup:
             pass
 
     def close(self) -> None:
-        for a in getattr(self, "actors", []):
-            try:
-                ray.kill(a)
-            except Exception:  # noqa: BLE001
-                pass
-        try:
-            remove_placement_group(self.pg)
-        except Exception:  # noqa: BLE001
-            pass
+        for g in self.groups:
+            g.close()
 
 
 def _slice_hosts(spec: SliceSpec) -> int:

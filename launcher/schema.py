@@ -72,6 +72,7 @@ class CheckpointConfig:
 
 @dataclass
 class MeshConfig:
+    dcn: int = 1  # slices (set from cluster.num_slices)
     data: int = -1
     fsdp: int = 1
     tensor: int = 1

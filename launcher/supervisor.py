@@ -11,13 +11,14 @@ from typing import Dict, Optional
 
 import ray
 from omegaconf import DictConfig
+from ray.util.tpu import get_tpu_coordinator_env_vars
 
 from cluster.cloud import CloudProvider
 from cluster.gcp import ProvisionError
 from cluster.local import AttachedProvider, LocalProvider
 from launcher.config import to_yaml
 from launcher.errors import EXIT_FAILED, EXIT_OK, EXIT_USER_ERROR
-from launcher.hosts import HostStartError, SliceGroup, wait_for_exit
+from launcher.hosts import HostStartError, Pod, wait_for_exit
 from launcher.logtail import LogTail
 from launcher.rundir import RunDir
 from launcher.validate import Plan
@@ -32,29 +33,46 @@ def _say(msg: str) -> None:
 def _provider(cfg: DictConfig, plan: Plan):
     c = cfg.cluster
     if c.provider == "gcp":
+        wheel_url = None
+        if c.bucket:
+            from launcher.wheel import stage_wheel
+
+            wheel_url = stage_wheel(c.bucket)
+            _say(f"project wheel staged at {wheel_url}")
         return CloudProvider(plan.slice, cfg.ray.address, c.project, c.zone,
                              c.runtime_version or plan.tpu.default_runtime_version, cfg.run.name, plan.num_slices,
                              c.capacity, c.network, c.subnetwork, c.service_account, dict(c.labels),
-                             endpoint=c.tpu_api_endpoint, wheel_url=None, timeout_s=float(c.provision_timeout_s),
+                             endpoint=c.tpu_api_endpoint, wheel_url=wheel_url, timeout_s=float(c.provision_timeout_s),
                              poll_s=0.5 if c.tpu_api_endpoint else 5.0, delete_on_exit=bool(c.delete_on_exit),
                              progress=_say)
     if cfg.ray.address:
-        return AttachedProvider(plan.slice, cfg.ray.address)
-    return LocalProvider(plan.slice, int(cfg.cluster.cpus_per_host), bool(cfg.ray.dashboard))
+        return AttachedProvider(cfg.ray.address)
+    return LocalProvider(plan.slices, int(cfg.cluster.cpus_per_host), bool(cfg.ray.dashboard))
 
 
 def _trainer_argv(run: RunDir, cfg: DictConfig, plan: Plan, coordinator: str, attempt: int):
     def argv_for(i: int):
         argv = ["-m", "trainer.main", "--config", run.file("config.yaml"), "--process-id", str(i),
-                "--num-processes", str(plan.slice.hosts), "--coordinator", coordinator, "--attempt", str(attempt)]
+                "--num-processes", str(plan.slice.hosts * plan.num_slices), "--coordinator", coordinator,
+                "--attempt", str(attempt)]
         return argv
 
     return argv_for
 
 
-def _trainer_env(cfg: DictConfig):
-    env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": _project_root()}
-    return lambda i: dict(env)
+def _trainer_env(plan: Plan, pod: Pod):
+    """Each host's env; multislice runs get the MEGASCALE_* variables set afresh on every start (stale ones
+    left from a preempted run make jax.distributed hang)."""
+    base = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": _project_root()}
+    head_ip = pod.infos[0]["ip"]
+
+    def env_for(i: int):
+        env = dict(base)
+        if plan.num_slices > 1:
+            env.update(get_tpu_coordinator_env_vars(head_ip, plan.num_slices, pod.slice_of(i)))
+        return env
+
+    return env_for
 
 
 def _project_root() -> str:
@@ -89,12 +107,12 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
         os.replace(run.file("result.json"), run.file("result.previous.json"))
     run.event("command_start", time=started_at, argv=sys.argv[1:])
     _say(f"run {cfg.run.name} -> {run.path}")
-    _say(f"slice {plan.slice.name}: {plan.slice.accelerator_type}, {plan.slice.hosts} hosts x "
-         f"{plan.slice.devices_per_host} devices, mesh {plan.mesh}")
+    _say(f"{plan.num_slices} x {plan.slice.accelerator_type} ({', '.join(s.name for s in plan.slices)}): "
+         f"{plan.slice.hosts} hosts x {plan.slice.devices_per_host} devices per slice, mesh {plan.mesh}")
     provider = _provider(cfg, plan)
     status, code, restarts = "failed", EXIT_FAILED, 0
     codes: Dict[int, int] = {}
-    group: Optional[SliceGroup] = None
+    group: Optional[Pod] = None
     tail: Optional[LogTail] = None
     error: Optional[str] = None
     try:
@@ -103,19 +121,19 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": _project_root()}})
         run.event("ray_ready", seconds=round(time.time() - t0, 4), address=address)
-        group = SliceGroup(plan.slice, float(cfg.trainer.host_start_timeout_s))
-        run.event("hosts_placed", hosts=[{k: info[k] for k in ("worker_id", "ip", "hostname", "node_id")}
+        group = Pod(plan.slices, float(cfg.trainer.host_start_timeout_s))
+        run.event("hosts_placed", hosts=[{k: info[k] for k in ("slice", "worker_id", "ip", "hostname", "node_id")}
                                          for info in group.infos])
-        _say(f"{plan.slice.hosts} hosts placed; coordinator {group.coordinator}; logs in {run.file('logs')}")
+        _say(f"{len(group.infos)} hosts placed; coordinator {group.coordinator}; logs in {run.file('logs')}")
         if cfg.launcher.echo:
             tail = LogTail(run.host_log(0)).start()
-        refs = group.start(_trainer_argv(run, cfg, plan, group.coordinator, attempt=0), _trainer_env(cfg),
+        refs = group.start(_trainer_argv(run, cfg, plan, group.coordinator, attempt=0), _trainer_env(plan, group),
                            run.host_log, os.getcwd())
         codes = wait_for_exit(refs)
         if any(c != 0 for c in codes.values()):
             group.stop_all()
         bad = {i: c for i, c in codes.items() if c != 0}
-        if not bad and len(codes) == plan.slice.hosts:
+        if not bad and len(codes) == len(group.infos):
             status, code = "completed", EXIT_OK
         else:
             first = min(bad)
@@ -146,7 +164,8 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
     summary = {
         "status": status, "run": cfg.run.name, "final_step": result.get("final_step"),
         "final_loss": result.get("final_loss"), "eval": result.get("eval"), "val": result.get("val"),
-        "hosts": plan.slice.hosts, "devices": plan.devices, "mesh": plan.mesh,
+        "hosts": plan.slice.hosts * plan.num_slices, "num_slices": plan.num_slices, "devices": plan.devices,
+        "mesh": plan.mesh,
         "accelerator_type": plan.slice.accelerator_type, "params": result.get("params"),
         "restarts": restarts, "resumed_from_step": result.get("resumed_from_step"),
         "params_digest": result.get("params_digest"), "exit_codes": {str(k): v for k, v in codes.items()},

@@ -4,8 +4,8 @@ Also resolves what the rest of the launch needs: the absolute run dir, the data 
 embedded corpus on first use), the mesh sizes and the slice to run on.
 """
 import os
-from dataclasses import dataclass
-from typing import Dict, Optional
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional
 
 from omegaconf import DictConfig, open_dict
 
@@ -30,6 +30,7 @@ class Plan:
     manifest: dict
     tpu: Optional[object] = None  # cluster.catalog.TpuType when cluster.accelerator_type is set
     num_slices: int = 1
+    slices: List[SliceSpec] = field(default_factory=list)  # one per slice; JAX process = slice x hosts + worker
 
 
 def _positive(cfg: DictConfig, *keys: str, allow_zero=()):
@@ -105,6 +106,9 @@ def check_gcp(cfg: DictConfig) -> None:
                         "start one in the same VPC (ray start --head) and pass ray.address=IP:PORT")
     if c.tpu_api_endpoint:
         return  # a local Cloud TPU API server (tests): no credentials
+    if not c.bucket:
+        raise UserError("cluster.bucket", "a cloud run needs a bucket for the project wheel its TPU VMs install",
+                        "pass cluster.bucket=gs://BUCKET/PREFIX")
     try:
         import google.auth
 
@@ -116,8 +120,8 @@ def check_gcp(cfg: DictConfig) -> None:
 
 def check_mesh(cfg: DictConfig, devices: int) -> Dict[str, int]:
     try:
-        return resolve_mesh_shape({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor},
-                                  devices)
+        return resolve_mesh_shape({"dcn": cfg.mesh.dcn, "data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp,
+                                   "tensor": cfg.mesh.tensor}, devices)
     except ValueError as e:
         key, _, rest = str(e).partition(": ")
         raise UserError(key, rest, f"the pod has cluster.hosts x cluster.devices_per_host = {devices} devices; "
@@ -154,9 +158,10 @@ def check_trainer(cfg: DictConfig, mesh: Dict[str, int]) -> None:
     _positive(cfg, "trainer.steps", "trainer.batch_size", "trainer.log_every", "trainer.eval_batches",
               "trainer.init_timeout_s", "checkpoint.every", "checkpoint.keep", "trainer.eval_every",
               allow_zero=("trainer.eval_every",))
-    shards = mesh["data"] * mesh["fsdp"]
+    shards = mesh.get("dcn", 1) * mesh["data"] * mesh["fsdp"]
+    axes = "dcn x data x fsdp" if "dcn" in mesh else "data x fsdp"
     if cfg.trainer.batch_size % shards:
-        raise UserError("trainer.batch_size", f"{cfg.trainer.batch_size} is not divisible by mesh data x fsdp = "
+        raise UserError("trainer.batch_size", f"{cfg.trainer.batch_size} is not divisible by mesh {axes} = "
                         f"{shards}", f"use a multiple of {shards}")
 
 
@@ -220,13 +225,17 @@ def validate(cfg: DictConfig) -> Plan:
     if cfg.cluster.provider == "gcp":
         check_gcp(cfg)
     num_slices = int(cfg.cluster.num_slices)
-    if num_slices > 1 and not cfg.launcher.dry_run:
-        raise UserError("cluster.num_slices", "multislice launches are not supported yet (dry runs are)",
-                        "use cluster.num_slices=1, or launcher.dry_run=true to plan")
+    if cfg.mesh.dcn not in (1, num_slices):
+        raise UserError("mesh.dcn", f"is {cfg.mesh.dcn} but cluster.num_slices={num_slices}",
+                        "leave mesh.dcn unset: it follows cluster.num_slices")
+    with open_dict(cfg):
+        cfg.mesh.dcn = num_slices
+    slices = [spec] if num_slices == 1 else [replace(spec, name=f"{spec.name}-{i}") for i in range(num_slices)]
     devices = spec.hosts * spec.devices_per_host * num_slices
     mesh = check_mesh(cfg, devices)
     check_model(cfg, mesh)
     check_trainer(cfg, mesh)
     check_checkpoint_dir(cfg)
     manifest = check_data(cfg)
-    return Plan(devices=devices, mesh=mesh, slice=spec, manifest=manifest, tpu=tpu, num_slices=num_slices)
+    return Plan(devices=devices, mesh=mesh, slice=spec, manifest=manifest, tpu=tpu, num_slices=num_slices,
+                slices=slices)

@@ -54,8 +54,8 @@ def test_resolve_rejects_wrong_product_naming_mesh():
 def test_make_mesh_axis_names_and_sizes():
     n = len(jax.devices())
     mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    assert mesh.axis_names == AXES
-    assert dict(mesh.shape) == {"data": n, "fsdp": 1, "tensor": 1}
+    assert mesh.axis_names == ("dcn",) + AXES  # dcn: slices, 1 on a single slice
+    assert dict(mesh.shape) == {"dcn": 1, "data": n, "fsdp": 1, "tensor": 1}
     with pytest.raises(ValueError, match="mesh"):
         make_mesh({"data": n + 1, "fsdp": 1, "tensor": 1})
 
@@ -95,7 +95,7 @@ def test_logical_rules_cover_every_model_axis():
     rules = dict(LOGICAL_RULES)
     assert used <= set(rules), f"logical axes without a rule: {used - set(rules)}"
     assert rules["embed"] == "fsdp" and rules["mlp"] == "tensor" and rules["vocab"] == "tensor"
-    assert rules["heads"] == "tensor" and rules["batch"] == ("data", "fsdp")
+    assert rules["heads"] == "tensor" and rules["batch"] == ("dcn", "data", "fsdp")
 
 
 def test_logical_to_sharding_maps_names_to_mesh_axes():
@@ -219,3 +219,14 @@ def test_params_digest_covers_names_and_shapes():
     assert params_digest({"a": x.reshape(2, 3)}) != base  # same bytes, different shape
     assert params_digest({"a": x, "b": x[:1]}) == params_digest({"b": x[:1], "a": x})  # order-independent
     assert params_digest({"a": x.at[5].set(6.0)}) != base  # last value changed
+
+
+def test_multislice_mesh_shape():
+    from trainer.mesh_shape import resolve_mesh_shape
+
+    assert resolve_mesh_shape({"dcn": 2, "data": -1, "fsdp": 2, "tensor": 1}, 16) == \
+        {"dcn": 2, "data": 4, "fsdp": 2, "tensor": 1}
+    with pytest.raises(ValueError, match="each of the 2 slices has 8 devices"):
+        resolve_mesh_shape({"dcn": 2, "data": 16, "fsdp": 1, "tensor": 1}, 16)
+    with pytest.raises(ValueError, match="mesh.dcn"):
+        resolve_mesh_shape({"dcn": 3, "data": -1, "fsdp": 1, "tensor": 1}, 16)

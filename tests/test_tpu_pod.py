@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from google.cloud import storage
 from ray.cluster_utils import Cluster
 
 from cluster import catalog
@@ -104,12 +105,13 @@ def tpu_cloud():
         cluster.shutdown()
 
 
-def test_v4_32_launch_through_tpu_api(tpu_cloud, tmp_path, corpus_cache):
+def test_v4_32_launch_through_tpu_api(tpu_cloud, tmp_path, corpus_cache, gcs_emulator):
     cluster, server, hosts = tpu_cloud
     run_dir = str(tmp_path / "cloud")
     proc = launch_pumping(hosts, "+cluster=v4-32", "run.name=cloud-v4", f"run.dir={run_dir}", *TINY, "trainer.batch_size=16", "trainer.steps=4",
                   "checkpoint.every=4", "cluster.project=test-project", f"cluster.tpu_api_endpoint={server.url}",
-                  f"ray.address={cluster.address}", "launcher.preflight=false", timeout=600)
+                  f"ray.address={cluster.address}", f"cluster.bucket=gs://{gcs_emulator.bucket}/cloud",
+                  "launcher.preflight=false", timeout=600)
     assert proc.returncode == 0, explain(proc) + f"\nboot errors: {hosts.errors}"
     assert not hosts.errors
     summary = read_json(os.path.join(run_dir, "summary.json"))
@@ -125,3 +127,10 @@ def test_v4_32_launch_through_tpu_api(tpu_cloud, tmp_path, corpus_cache):
     assert server.count("DELETE", "queuedResources/cloud-v4-qr") == 1
     assert not server.queued_resources and not hosts.nodes
     assert "ACTIVE" in proc.stdout
+    # The VMs' startup script installs the wheel the launcher staged in the run's bucket.
+    script = node["metadata"]["startup-script"]
+    url = next(line for line in script.splitlines() if line.startswith("WHEEL_URL="))
+    url = url.split("=", 1)[1].strip("'\"")
+    assert url.startswith(f"gs://{gcs_emulator.bucket}/cloud/wheels/") and url.endswith(".whl")
+    blob = storage.Client(project="test").bucket(gcs_emulator.bucket).blob(url.split("/", 3)[3])
+    assert blob.exists()

@@ -29,7 +29,8 @@ class Loop:
         self.run_dir = cfg.run.dir
         self.host = jax.process_index()
         self.is_host0 = self.host == 0
-        self.mesh = make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor})
+        self.mesh = make_mesh({"dcn": cfg.mesh.get("dcn", 1), "data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp,
+                               "tensor": cfg.mesh.tensor})
         self.spec = ModelSpec.from_config(cfg.model)
         self.model = TransformerLM(self.spec)
         self.steps = int(cfg.trainer.steps)

@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     from trainer.events import EventLog
 
     events = EventLog(cfg.run.dir, args.process_id, args.attempt)
-    events("process_start", pid=os.getpid())
+    events("process_start", pid=os.getpid(),
+           megascale={k: v for k, v in sorted(os.environ.items()) if k.startswith("MEGASCALE_")})
     init_s = distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                     int(cfg.trainer.init_timeout_s))
     events("distributed_ready", seconds=round(init_s, 4))

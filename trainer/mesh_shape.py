@@ -1,11 +1,23 @@
-"""Mesh axis sizes from config (one axis may be -1 = fill): pure Python, so the launcher needs no JAX."""
+"""Mesh axis sizes from config (one axis may be -1 = fill): pure Python, so the launcher needs no JAX.
+
+Multislice runs add a leading `dcn` axis (one entry per slice, data-parallel across the data-center
+network); data x fsdp x tensor then describe one slice.
+"""
 from typing import Dict
 
 AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("dcn",) + AXES
 
 
 def resolve_mesh_shape(shape: Dict[str, int], num_devices: int) -> Dict[str, int]:
-    """Fill the one -1 axis so the product equals num_devices; raise ValueError naming the axis otherwise."""
+    """Fill the one -1 axis so the product equals num_devices; raise ValueError naming the axis otherwise.
+
+    With shape["dcn"] = S > 1 slices, data x fsdp x tensor must fill num_devices / S, and "dcn" is returned too.
+    """
+    dcn = int(shape.get("dcn", 1) or 1)
+    if dcn < 1 or num_devices % dcn:
+        raise ValueError(f"mesh.dcn: {num_devices} devices cannot be split into {dcn} slices")
+    total, num_devices = num_devices, num_devices // dcn
     sizes = {a: int(shape[a]) for a in AXES}
     fill = [a for a in AXES if sizes[a] == -1]
     if len(fill) > 1:
@@ -21,9 +33,11 @@ def resolve_mesh_shape(shape: Dict[str, int], num_devices: int) -> Dict[str, int
         sizes[fill[0]] = num_devices // known
     product = _prod(sizes.values())
     if product != num_devices:
-        raise ValueError(f"mesh: data x fsdp x tensor = {product} but the pod has {num_devices} devices "
+        where = f"each of the {dcn} slices has" if dcn > 1 else "the pod has"
+        raise ValueError(f"mesh: data x fsdp x tensor = {product} but {where} {num_devices} devices "
                          f"(set one axis to -1 to fill)")
-    return sizes
+    assert _prod(sizes.values()) * dcn == total
+    return {"dcn": dcn, **sizes} if dcn > 1 else sizes
 
 
 def _prod(values) -> int:

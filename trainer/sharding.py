@@ -1,7 +1,7 @@
-"""Device mesh (data, fsdp, tensor) from config and the logical-axis rules that map parameters onto it.
+"""Device mesh (dcn, data, fsdp, tensor) from config and the logical-axis rules that map parameters onto it.
 
 fsdp shards parameters and optimizer state along `embed`; tensor shards heads, MLP and vocab;
-the batch is split over data x fsdp.
+the batch is split over dcn x data x fsdp (dcn: one entry per slice; size 1 on a single slice).
 """
 from typing import Dict, Sequence, Tuple
 
@@ -10,10 +10,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from trainer.mesh_shape import AXES, resolve_mesh_shape  # noqa: F401 - re-exported
+from trainer.mesh_shape import AXES, MESH_AXES, resolve_mesh_shape  # noqa: F401 - re-exported
 
+BATCH_AXES = ("dcn", "data", "fsdp")
 LOGICAL_RULES: Tuple[Tuple[str, object], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", BATCH_AXES),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
@@ -25,12 +26,12 @@ LOGICAL_RULES: Tuple[Tuple[str, object], ...] = (
 
 def make_mesh(shape: Dict[str, int], devices: Sequence = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
-    sizes = resolve_mesh_shape(shape, len(devices))
-    # Devices sorted by (process, id): each process owns a contiguous block of the leading axes,
-    # so a host's share of the batch is one contiguous block of rows.
-    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
-    grid = np.array(ordered, dtype=object).reshape(tuple(sizes[a] for a in AXES))
-    return Mesh(grid, AXES)
+    sizes = {"dcn": 1, **resolve_mesh_shape(shape, len(devices))}
+    # Devices sorted by (slice, process, id): each process owns a contiguous block of the leading axes,
+    # so a host's share of the batch is one contiguous block of rows, and slices are the outermost axis.
+    ordered = sorted(devices, key=lambda d: (getattr(d, "slice_index", 0) or 0, d.process_index, d.id))
+    grid = np.array(ordered, dtype=object).reshape(tuple(sizes[a] for a in MESH_AXES))
+    return Mesh(grid, MESH_AXES)
 
 
 def logical_to_sharding(logical_specs, mesh: Mesh):
@@ -39,7 +40,7 @@ def logical_to_sharding(logical_specs, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(("data", "fsdp"), None))
+    return NamedSharding(mesh, P(BATCH_AXES, None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
