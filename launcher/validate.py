@@ -222,8 +222,6 @@ def validate(cfg: DictConfig) -> Plan:
     with open_dict(cfg):
         cfg.run.dir = os.path.abspath(os.path.expanduser(cfg.run.dir))
     spec, tpu = check_cluster(cfg)
-    if cfg.cluster.provider == "gcp":
-        check_gcp(cfg)
     num_slices = int(cfg.cluster.num_slices)
     if cfg.mesh.dcn not in (1, num_slices):
         raise UserError("mesh.dcn", f"is {cfg.mesh.dcn} but cluster.num_slices={num_slices}",
@@ -237,5 +235,7 @@ def validate(cfg: DictConfig) -> Plan:
     check_trainer(cfg, mesh)
     check_checkpoint_dir(cfg)
     manifest = check_data(cfg)
+    if cfg.cluster.provider == "gcp":
+        check_gcp(cfg)  # last: project, head, bucket and credentials are the environment, not the job
     return Plan(devices=devices, mesh=mesh, slice=spec, manifest=manifest, tpu=tpu, num_slices=num_slices,
                 slices=slices)
