@@ -20,6 +20,21 @@ def _process_start_time() -> float:
         return time.time()
 
 
+def _run_as_job(cfg, argv) -> int:
+    """Hand the run to a Ray job on the head (or find the live one) and follow its output."""
+    from launcher import job
+    from launcher.supervisor import project_pythonpath
+
+    client = job.connect(cfg.ray.address, int(cfg.ray.dashboard_port))
+    job_id = job.live_job(client, cfg.run.name)
+    if job_id:
+        print(f"[launcher] run {cfg.run.name} is live as job {job_id}: following it", flush=True)
+    else:
+        job_id = job.submit(client, cfg.run.name, argv, {"PYTHONPATH": project_pythonpath()})
+        print(f"[launcher] submitted the supervisor as Ray job {job_id}; Ctrl-C detaches", flush=True)
+    return job.follow(client, job_id)
+
+
 def main(argv=None) -> int:
     started_at = _process_start_time()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -55,6 +70,8 @@ def main(argv=None) -> int:
                 print(f"[launcher] dry run: nothing created; plan in {cfg.run.dir}/plan.json")
                 return 0
             planning.refuse_if_unfit(p)
+        if cfg.cluster.provider != "local" and cfg.launcher.submit and not cfg.launcher.in_job:
+            return _run_as_job(cfg, argv)
         return launch(cfg, plan, started_at)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -108,6 +108,7 @@ class ClusterConfig:
 class RayConfig:
     address: Optional[str] = None  # attach to an existing Ray cluster instead of starting one
     dashboard: bool = False
+    dashboard_port: int = 8265  # the head's job server, for cloud runs supervised as a Ray job
 
 
 @dataclass
@@ -115,6 +116,8 @@ class LauncherConfig:
     echo: bool = True  # print host 0's progress lines in this terminal
     dry_run: bool = False  # compose, validate and plan (plan.json); create nothing
     preflight: bool = True  # before a cloud launch, AOT-compile the step for the TPU topology and check HBM
+    submit: bool = True  # cloud runs: supervise from a Ray job on the head (this terminal follows, may detach)
+    in_job: bool = False  # set on the job's own command line
 
 
 @dataclass

@@ -63,7 +63,7 @@ def _trainer_argv(run: RunDir, cfg: DictConfig, plan: Plan, coordinator: str, at
 def _trainer_env(plan: Plan, pod: Pod):
     """Each host's env; multislice runs get the MEGASCALE_* variables set afresh on every start (stale ones
     left from a preempted run make jax.distributed hang)."""
-    base = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": _project_root()}
+    base = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": project_pythonpath()}
     head_ip = pod.infos[0]["ip"]
 
     def env_for(i: int):
@@ -75,10 +75,10 @@ def _trainer_env(plan: Plan, pod: Pod):
     return env_for
 
 
-def _project_root() -> str:
+def project_pythonpath() -> str:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    existing = os.environ.get("PYTHONPATH")
-    return here if not existing else f"{here}{os.pathsep}{existing}"
+    parts = [here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
+    return os.pathsep.join(parts)
 
 
 class Terminated(Exception):
@@ -118,8 +118,9 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
     try:
         t0 = time.time()
         address = provider.up()
-        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": _project_root()}})
+        # Inside a Ray job the job's runtime env (set at submission) already carries PYTHONPATH.
+        runtime_env = None if cfg.launcher.in_job else {"env_vars": {"PYTHONPATH": project_pythonpath()}}
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, runtime_env=runtime_env)
         run.event("ray_ready", seconds=round(time.time() - t0, 4), address=address)
         group = Pod(plan.slices, float(cfg.trainer.host_start_timeout_s))
         run.event("hosts_placed", hosts=[{k: info[k] for k in ("slice", "worker_id", "ip", "hostname", "node_id")}

@@ -55,13 +55,18 @@ def test_run_directory_contract(reference):
     assert {("command_start", "launcher"), ("first_step", 0), ("first_step", 1), ("save_start", 0)} <= kinds
 
 
+def _on_shared_slice(name, run_dir, tpu_slice_cluster, *extra):
+    """Overrides for a launch that attaches to the session's shared 2-host slice (ray.address)."""
+    address, slice_name = tpu_slice_cluster
+    return [f"run.name={name}", f"run.dir={run_dir}", f"ray.address={address}",
+            f"cluster.slice_name={slice_name}", *TINY, *extra]
+
+
 def test_exact_resume_matches_uninterrupted(reference, tmp_path, tpu_slice_cluster):
     """Stop at step 8, resume to 12: parameters bit-identical to the uninterrupted run."""
     ref_dir, _ = reference
-    address, slice_name = tpu_slice_cluster
     run_dir = str(tmp_path / "split")
-    common = ["run.name=split", f"run.dir={run_dir}", f"ray.address={address}",
-              f"cluster.slice_name={slice_name}", *TINY, *STEPS[1:]]
+    common = _on_shared_slice("split", run_dir, tpu_slice_cluster, *STEPS[1:])
     first = launch(*common, "trainer.steps=8")
     assert first.returncode == 0, explain(first)
     assert read_json(os.path.join(run_dir, "summary.json"))["final_step"] == 8
@@ -82,10 +87,8 @@ def _corrupt(step_dir):
 
 def test_fallback_to_older_checkpoint(reference, tmp_path, tpu_slice_cluster):
     ref_dir, _ = reference
-    address, slice_name = tpu_slice_cluster
     run_dir = str(tmp_path / "fallback")
-    common = ["run.name=fallback", f"run.dir={run_dir}", f"ray.address={address}",
-              f"cluster.slice_name={slice_name}", *TINY, *STEPS[1:]]
+    common = _on_shared_slice("fallback", run_dir, tpu_slice_cluster, *STEPS[1:])
     first = launch(*common, "trainer.steps=8")
     assert first.returncode == 0, explain(first)
     _corrupt(os.path.join(run_dir, "checkpoints", "8"))
@@ -102,10 +105,8 @@ def test_fallback_to_older_checkpoint(reference, tmp_path, tpu_slice_cluster):
 
 
 def test_no_readable_checkpoint_fails_loudly(tmp_path, tpu_slice_cluster, corpus_cache):
-    address, slice_name = tpu_slice_cluster
     run_dir = str(tmp_path / "broken")
-    common = ["run.name=broken", f"run.dir={run_dir}", f"ray.address={address}",
-              f"cluster.slice_name={slice_name}", *TINY, "checkpoint.every=2"]
+    common = _on_shared_slice("broken", run_dir, tpu_slice_cluster, "checkpoint.every=2")
     first = launch(*common, "trainer.steps=4")
     assert first.returncode == 0, explain(first)
     for step in ("2", "4"):

@@ -6,6 +6,8 @@ on delete they go away. The launcher sees only the API and Ray.
 """
 import os
 import queue
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -72,29 +74,56 @@ class BootedHosts:
             self.cluster.remove_node(n, allow_graceful=False)
 
 
+class Cli:
+    """The CLI as a subprocess, its output collected by threads, while this (main) thread boots hosts."""
+
+    def __init__(self, hosts: BootedHosts, *overrides):
+        self.hosts, self.out, self.err = hosts, [], []
+        env = {**os.environ, "PYTHONPATH": ROOT}
+        self.proc = subprocess.Popen([sys.executable, "-m", "launcher", *overrides], cwd=ROOT, env=env,
+                                     text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.readers = [threading.Thread(target=lambda f=f, buf=buf: buf.extend(iter(f.readline, "")))
+                        for f, buf in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        for r in self.readers:
+            r.start()
+
+    def pump_until(self, done, timeout=600) -> bool:
+        deadline = time.time() + timeout
+        while not done() and time.time() < deadline:
+            self.hosts.pump()
+            time.sleep(0.1)
+        self.hosts.pump()
+        return done()
+
+    def finish(self, timeout=600) -> subprocess.CompletedProcess:
+        if not self.pump_until(lambda: self.proc.poll() is not None, timeout):
+            self.proc.kill()
+        self.proc.wait()
+        for r in self.readers:
+            r.join()
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, "".join(self.out),
+                                           "".join(self.err))
+
+
 def launch_pumping(hosts: BootedHosts, *overrides, timeout=600):
-    """Run the CLI while booting/removing hosts on this (main) thread as the API server asks."""
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", *overrides], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out = {}
-    reader = threading.Thread(target=lambda: out.update(zip(("stdout", "stderr"), proc.communicate())))
-    reader.start()
-    deadline = time.time() + timeout
-    while reader.is_alive() and time.time() < deadline:
-        hosts.pump()
-        time.sleep(0.1)
-    hosts.pump()
-    if reader.is_alive():
-        proc.kill()
-        reader.join()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out.get("stdout", ""), out.get("stderr", ""))
+    """Run the CLI to its end while booting/removing hosts on this (main) thread as the API server asks."""
+    return Cli(hosts, *overrides).finish(timeout)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture
 def tpu_cloud():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                           "object_store_memory": 80 * 1024 * 1024})
+    """A Ray head with its job server (the cloud head VM's role), our TPU API server, and booted hosts."""
+    port = _free_port()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "0.0.0.0", "dashboard_port": port,
+        "object_store_memory": 80 * 1024 * 1024})
+    cluster.dashboard_port = port
     hosts = BootedHosts(cluster)
     server = TpuApiServer(tick_s=0.2, on_ready=hosts.on_ready, on_delete=hosts.on_delete)
     server.start()
@@ -110,7 +139,8 @@ def test_v4_32_launch_through_tpu_api(tpu_cloud, tmp_path, corpus_cache, gcs_emu
     run_dir = str(tmp_path / "cloud")
     proc = launch_pumping(hosts, "+cluster=v4-32", "run.name=cloud-v4", f"run.dir={run_dir}", *TINY, "trainer.batch_size=16", "trainer.steps=4",
                   "checkpoint.every=4", "cluster.project=test-project", f"cluster.tpu_api_endpoint={server.url}",
-                  f"ray.address={cluster.address}", f"cluster.bucket=gs://{gcs_emulator.bucket}/cloud",
+                  f"ray.address={cluster.address}", f"ray.dashboard_port={cluster.dashboard_port}",
+                  f"cluster.bucket=gs://{gcs_emulator.bucket}/cloud",
                   "launcher.preflight=false", timeout=600)
     assert proc.returncode == 0, explain(proc) + f"\nboot errors: {hosts.errors}"
     assert not hosts.errors
@@ -127,6 +157,9 @@ def test_v4_32_launch_through_tpu_api(tpu_cloud, tmp_path, corpus_cache, gcs_emu
     assert server.count("DELETE", "queuedResources/cloud-v4-qr") == 1
     assert not server.queued_resources and not hosts.nodes
     assert "ACTIVE" in proc.stdout
+    # The supervisor ran as a Ray job on the head; this terminal followed its output.
+    assert "submitted the supervisor as Ray job launcher-cloud-v4-" in proc.stdout
+    assert "[host 0] step 4/4" in proc.stdout
     # The VMs' startup script installs the wheel the launcher staged in the run's bucket.
     script = node["metadata"]["startup-script"]
     url = next(line for line in script.splitlines() if line.startswith("WHEEL_URL="))
@@ -134,3 +167,24 @@ def test_v4_32_launch_through_tpu_api(tpu_cloud, tmp_path, corpus_cache, gcs_emu
     assert url.startswith(f"gs://{gcs_emulator.bucket}/cloud/wheels/") and url.endswith(".whl")
     blob = storage.Client(project="test").bucket(gcs_emulator.bucket).blob(url.split("/", 3)[3])
     assert blob.exists()
+
+
+def test_detach_and_reattach_to_the_supervisor_job(tpu_cloud, tmp_path, corpus_cache):
+    """Ctrl-C detaches the terminal but the run goes on as a Ray job; the same command again follows it."""
+    cluster, server, hosts = tpu_cloud
+    args = ["+cluster=v4-8", "run.name=detach", f"run.dir={tmp_path / 'detach'}", *TINY, "trainer.steps=6",
+            "checkpoint.every=6", "cluster.project=test-project", f"cluster.tpu_api_endpoint={server.url}",
+            f"ray.address={cluster.address}", f"ray.dashboard_port={cluster.dashboard_port}",
+            "launcher.preflight=false"]
+    first = Cli(hosts, *args)
+    assert first.pump_until(lambda: any("Ctrl-C detaches" in line for line in first.out), timeout=120)
+    first.proc.send_signal(signal.SIGINT)
+    detached = first.finish(timeout=60)
+    assert detached.returncode == 0, explain(detached)
+    assert "detached; job launcher-detach-" in detached.stdout
+    again = launch_pumping(hosts, *args)
+    assert again.returncode == 0, explain(again)
+    assert "is live as job launcher-detach-" in again.stdout  # followed the same job, no second submission
+    assert server.count("POST", "queuedResources") == 1
+    summary = read_json(os.path.join(tmp_path, "detach", "summary.json"))
+    assert summary["status"] == "completed" and summary["final_step"] == 6 and summary["hosts"] == 1

@@ -1,0 +1,74 @@
+"""Run the supervisor as a Ray job on the cluster's head, so closing the laptop does not stop the run.
+
+The laptop submits `python -m launcher <same overrides> launcher.in_job=true` to the head's job server, then
+follows its logs; Ctrl-C detaches (the run goes on). Typing the same command again finds the live job of
+that run (by its `launcher-run` metadata) and follows it instead of submitting a second one.
+"""
+import asyncio
+import shlex
+import sys
+import time
+from typing import List, Optional
+
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from launcher.errors import EXIT_FAILED, EXIT_OK, UserError
+
+LIVE = (JobStatus.PENDING, JobStatus.RUNNING)
+
+
+def job_server_url(ray_address: str, port: int) -> str:
+    host = ray_address.split("://")[-1].rsplit(":", 1)[0]
+    return f"http://{host}:{port}"
+
+
+def connect(ray_address: str, port: int, wait_s: float = 30.0) -> JobSubmissionClient:
+    url = job_server_url(ray_address, port)
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            return JobSubmissionClient(url)
+        except Exception as e:  # noqa: BLE001 - unreachable or no dashboard (yet): retry, then one line
+            if time.time() < deadline:
+                time.sleep(1.0)
+                continue
+            raise UserError(
+                "ray.address", f"no Ray job server at {url} ({type(e).__name__})",
+                "start the head with its dashboard (ray start --head --include-dashboard=true), "
+                "set ray.dashboard_port, or run the supervisor here with launcher.submit=false") from None
+
+
+def live_job(client: JobSubmissionClient, run_name: str) -> Optional[str]:
+    for job in client.list_jobs():
+        if (job.metadata or {}).get("launcher-run") == run_name and job.status in LIVE:
+            return job.submission_id
+    return None
+
+
+def submit(client: JobSubmissionClient, run_name: str, argv: List[str], env: dict) -> str:
+    entrypoint = " ".join(shlex.quote(a) for a in
+                          ["python", "-m", "launcher", *argv, "launcher.in_job=true", "launcher.preflight=false"])
+    return client.submit_job(entrypoint=entrypoint, submission_id=f"launcher-{run_name}-{int(time.time())}",
+                             metadata={"launcher-run": run_name}, runtime_env={"env_vars": env})
+
+
+def follow(client: JobSubmissionClient, job_id: str, out=None) -> int:
+    """Print the job's output until it ends (exit code of its launcher), or until Ctrl-C (detach, 0)."""
+    out = out or sys.stdout
+
+    async def tail():
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        asyncio.run(tail())
+    except KeyboardInterrupt:
+        print(f"\n[launcher] detached; job {job_id} goes on. Type the same command again to follow it.",
+              flush=True)
+        return EXIT_OK
+    info = client.get_job_info(job_id)
+    if info.status == JobStatus.SUCCEEDED:
+        return EXIT_OK
+    code = info.driver_exit_code
+    return int(code) if code not in (None, 0) else EXIT_FAILED
