@@ -18,6 +18,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.local import CPU_DEVICES_ENV
 from cluster.slice import SliceSpec
+from launcher.runsync import APPENDED, WHOLE, read_new
 
 
 class HostStartError(Exception):
@@ -38,9 +39,25 @@ class HostActor:
                 "hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
                 "actor_pid": os.getpid()}
 
-    def run(self, argv: List[str], env: Dict[str, str], log_path: str, cwd: str) -> int:
-        """Run the trainer to completion; its output goes to log_path. Returns its exit code."""
+    def run(self, argv: List[str], env: Dict[str, str], log_path: str, cwd: str,
+            files: Optional[Dict[str, str]] = None) -> int:
+        """Run the trainer to completion; its output goes to log_path. Returns its exit code.
+
+        `files` (path -> text) are written first: a host-local run directory's config, when the host does not
+        share the supervisor's filesystem; its stale synced copies are cleared so they are not synced twice.
+        """
+        if files:
+            for name in (*APPENDED, *WHOLE, os.path.relpath(log_path, cwd)):
+                try:
+                    os.remove(os.path.join(cwd, name))
+                except FileNotFoundError:
+                    pass
+            for path, text in files.items():
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    f.write(text)
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        os.makedirs(cwd, exist_ok=True)
         full_env = {**os.environ, **env}
         cpu_devices = os.environ.get(CPU_DEVICES_ENV)
         if cpu_devices:  # a stand-in host (local pod, test VM): CPU devices in place of TPU chips
@@ -51,6 +68,10 @@ class HostActor:
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
             return self.proc.wait()
+
+    def pull(self, root: str, offsets: Dict[str, int]):
+        """New bytes of this host's run-directory files (see launcher/runsync.py)."""
+        return read_new(root, offsets)
 
     def pid(self) -> Optional[int]:
         return self.proc.pid if self.proc is not None else None
@@ -132,9 +153,9 @@ class Pod:
     def slice_of(self, process_id: int) -> int:
         return self.infos[process_id]["slice"]
 
-    def start(self, argv_for, env_for, log_path_for, cwd: str):
+    def start(self, argv_for, env_for, log_path_for, cwd_for, files_for=lambda i: None):
         """Start every host's trainer; returns the ObjectRefs of their exit codes, by process id."""
-        return [actor.run.remote(argv_for(i), env_for(i), log_path_for(i), cwd)
+        return [actor.run.remote(argv_for(i), env_for(i), log_path_for(i), cwd_for(i), files_for(i))
                 for i, actor in enumerate(self.actors)]
 
     def stop_all(self, grace_s: float = 5.0) -> None:

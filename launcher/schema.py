@@ -102,6 +102,8 @@ class ClusterConfig:
     tpu_api_endpoint: Optional[str] = None  # Cloud TPU API override (http://host:port: a test server, no credentials)
     provision_timeout_s: int = 3600
     delete_on_exit: bool = True  # delete the TPU resources when the launch ends
+    shared_run_dir: Optional[bool] = None  # hosts see run.dir (null: true for local, false for gcp: synced)
+    host_run_root: str = "/tmp/tpu-launcher/runs"  # host-local run dirs when not shared
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 On any host failing, every other host of the slice is stopped at once (crashes beat hangs).
 """
+import copy
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ from launcher.config import to_yaml
 from launcher.errors import EXIT_FAILED, EXIT_OK, EXIT_USER_ERROR
 from launcher.hosts import HostStartError, Pod, wait_for_exit
 from launcher.logtail import LogTail
+from launcher.runsync import RunSync
 from launcher.rundir import RunDir
 from launcher.validate import Plan
 
@@ -50,9 +52,37 @@ def _provider(cfg: DictConfig, plan: Plan):
     return LocalProvider(plan.slices, int(cfg.cluster.cpus_per_host), bool(cfg.ray.dashboard))
 
 
-def _trainer_argv(run: RunDir, cfg: DictConfig, plan: Plan, coordinator: str, attempt: int):
+class HostDirs:
+    """Where each host's trainer keeps its run directory: run.dir itself when the hosts share this filesystem
+    (local pods), else a host-local directory whose files RunSync pulls back (cloud TPU VMs)."""
+
+    def __init__(self, cfg: DictConfig, run: RunDir):
+        shared = cfg.cluster.shared_run_dir
+        self.shared = (cfg.cluster.provider == "local") if shared is None else bool(shared)
+        self.cfg, self.run = cfg, run
+
+    def dir(self, i: int) -> str:
+        if self.shared:
+            return self.run.path
+        return os.path.join(self.cfg.cluster.host_run_root, self.cfg.run.name, f"host-{i}")
+
+    def config(self, i: int) -> str:
+        return os.path.join(self.dir(i), "config.yaml")
+
+    def log(self, i: int) -> str:
+        return os.path.join(self.dir(i), "logs", f"host-{i}.log")
+
+    def files(self, i: int):
+        if self.shared:
+            return None
+        host_cfg = copy.deepcopy(self.cfg)
+        host_cfg.run.dir = self.dir(i)
+        return {self.config(i): to_yaml(host_cfg)}
+
+
+def _trainer_argv(dirs: HostDirs, plan: Plan, coordinator: str, attempt: int):
     def argv_for(i: int):
-        argv = ["-m", "trainer.main", "--config", run.file("config.yaml"), "--process-id", str(i),
+        argv = ["-m", "trainer.main", "--config", dirs.config(i), "--process-id", str(i),
                 "--num-processes", str(plan.slice.hosts * plan.num_slices), "--coordinator", coordinator,
                 "--attempt", str(attempt)]
         return argv
@@ -114,6 +144,7 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
     codes: Dict[int, int] = {}
     group: Optional[Pod] = None
     tail: Optional[LogTail] = None
+    sync: Optional[RunSync] = None
     error: Optional[str] = None
     try:
         t0 = time.time()
@@ -128,9 +159,12 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
         _say(f"{len(group.infos)} hosts placed; coordinator {group.coordinator}; logs in {run.file('logs')}")
         if cfg.launcher.echo:
             tail = LogTail(run.host_log(0)).start()
-        refs = group.start(_trainer_argv(run, cfg, plan, group.coordinator, attempt=0), _trainer_env(plan, group),
-                           run.host_log, os.getcwd())
-        codes = wait_for_exit(refs)
+        dirs = HostDirs(cfg, run)
+        if not dirs.shared:
+            sync = RunSync(run.path, group.actors, [dirs.dir(i) for i in range(len(group.actors))])
+        refs = group.start(_trainer_argv(dirs, plan, group.coordinator, attempt=0), _trainer_env(plan, group),
+                           dirs.log, dirs.dir, dirs.files)
+        codes = wait_for_exit(refs, on_poll=sync.pull if sync else None)
         if any(c != 0 for c in codes.values()):
             group.stop_all()
         bad = {i: c for i, c in codes.items() if c != 0}
@@ -147,6 +181,8 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
         if group is not None:
             group.stop_all()
     finally:
+        if sync is not None:
+            sync.pull()
         if tail is not None:
             tail.stop()
         if group is not None:

@@ -21,7 +21,7 @@ from cluster import catalog
 from cluster.bootstrap import HEAD_ADDRESS_ATTR, HEAD_PORT_ATTR
 from cluster.local import cpu_host_env
 from cluster.slice import catalog_slice
-from podutil import ROOT, TINY, explain, read_json
+from podutil import ROOT, TINY, explain, read_json, read_jsonl
 from tpu_api_server import TpuApiServer
 
 pytestmark = pytest.mark.integration
@@ -140,7 +140,7 @@ def test_v4_32_launch_through_tpu_api(tpu_cloud, tmp_path, corpus_cache, gcs_emu
     proc = launch_pumping(hosts, "+cluster=v4-32", "run.name=cloud-v4", f"run.dir={run_dir}", *TINY, "trainer.batch_size=16", "trainer.steps=4",
                   "checkpoint.every=4", "cluster.project=test-project", f"cluster.tpu_api_endpoint={server.url}",
                   f"ray.address={cluster.address}", f"ray.dashboard_port={cluster.dashboard_port}",
-                  f"cluster.bucket=gs://{gcs_emulator.bucket}/cloud",
+                  f"cluster.bucket=gs://{gcs_emulator.bucket}/cloud", f"cluster.host_run_root={tmp_path}/vm-disks",
                   "launcher.preflight=false", timeout=600)
     assert proc.returncode == 0, explain(proc) + f"\nboot errors: {hosts.errors}"
     assert not hosts.errors
@@ -157,6 +157,15 @@ def test_v4_32_launch_through_tpu_api(tpu_cloud, tmp_path, corpus_cache, gcs_emu
     assert server.count("DELETE", "queuedResources/cloud-v4-qr") == 1
     assert not server.queued_resources and not hosts.nodes
     assert "ACTIVE" in proc.stdout
+    # TPU VMs share no disk with the supervisor: each wrote a host-local run dir, synced back through Ray.
+    for host in range(4):
+        assert os.path.getsize(os.path.join(tmp_path, "vm-disks", "cloud-v4", f"host-{host}", "logs",
+                                            f"host-{host}.log")) > 0
+        synced = open(os.path.join(run_dir, "logs", f"host-{host}.log")).read()
+        assert f"[host {host}] step 4/4" in synced
+    events = read_jsonl(os.path.join(run_dir, "events.jsonl"))
+    assert {e["host"] for e in events if e["event"] == "first_step"} == {0, 1, 2, 3}
+    assert [m["step"] for m in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "loss" in m][-1] == 4
     # The supervisor ran as a Ray job on the head; this terminal followed its output.
     assert "submitted the supervisor as Ray job launcher-cloud-v4-" in proc.stdout
     assert "[host 0] step 4/4" in proc.stdout

@@ -1,0 +1,269 @@
+"""Head VM tests: the real google-cloud-compute client against the local Compute Engine API server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from google.api_core import exceptions as gexc
+
+from cluster.gcp import CREDENTIALS_HINT, ProvisionError, tpu_name
+from cluster.head_vm import HeadVm, head_startup_script, make_compute_client
+from compute_api_server import ComputeApiServer
+
+PROJECT, ZONE = "proj", "us-central2-b"
+INSTANCES = f"/compute/v1/projects/{PROJECT}/zones/{ZONE}/instances"
+TICK = 0.05
+WHEEL = "gs://run-bucket/wheels/abc123/tpu_pod_launcher-0.1.0-py3-none-any.whl"
+
+
+class Recorder:
+    """Collects the server's instance callbacks."""
+
+    def __init__(self) -> None:
+        self.running: list[dict] = []
+        self.deleted: list[dict] = []
+
+
+@pytest.fixture
+def events() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def server(events: Recorder):
+    with ComputeApiServer(tick_s=TICK, on_running=events.running.append, on_delete=events.deleted.append) as srv:
+        yield srv
+
+
+def head_for(srv: ComputeApiServer, lines: list[str] | None = None, **kwargs) -> HeadVm:
+    out = lines if lines is not None else []
+    return HeadVm(PROJECT, ZONE, client=make_compute_client(srv.url), poll_s=0.01, timeout_s=10,
+                  progress=out.append, **kwargs)
+
+
+def eventually(condition, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def test_create_wait_address_delete(server: ComputeApiServer, events: Recorder) -> None:
+    lines: list[str] = []
+    head = head_for(server, lines)
+    info = head.ensure("run-a", head_startup_script(WHEEL))
+    assert info["name"] == "run-a-head" and info["status"] in ("PROVISIONING", "STAGING", "RUNNING")
+    running = head.wait_running("run-a")
+    assert running == {"name": "run-a-head", "status": "RUNNING", "internal_ip": "127.0.0.1",
+                       "external_ip": "127.0.0.1"}
+    assert head.address("run-a") == "127.0.0.1:6379" and head.address("run-a", 7000) == "127.0.0.1:7000"
+    assert any("creating head VM run-a-head" in line for line in lines)
+    assert any(line.startswith("head: run-a-head: RUNNING 127.0.0.1") for line in lines)
+    assert [i["name"] for i in events.running] == ["run-a-head"]
+    # the insert's operation was polled through zoneOperations on this server, not compute.googleapis.com
+    assert server.count("GET", "/operations/" + server.requests[2][1].rsplit("/", 1)[-1]) >= 1
+    assert head.status("run-a") == "RUNNING"
+    head.delete("run-a")
+    assert head.status("run-a") == "NOT_FOUND" and not server.instances
+    assert any("deleting head VM run-a-head" in line for line in lines)
+    assert [i["name"] for i in events.deleted] == ["run-a-head"]
+    head.delete("run-a")  # idempotent: NotFound is fine
+    with pytest.raises(gexc.NotFound):
+        head.client.get(project=PROJECT, zone=ZONE, instance="run-a-head")
+    with pytest.raises(ProvisionError, match="does not exist"):
+        head.address("run-a")
+
+
+def test_insert_body(server: ComputeApiServer) -> None:
+    script = head_startup_script(WHEEL)
+    head = head_for(server, service_account="head@proj.iam.gserviceaccount.com", subnetwork="tpu-subnet",
+                    machine_type="e2-standard-2")
+    head.ensure("My_Run.2", script, labels={"team": "ml"})
+    body = server.insert_bodies[0]
+    name = f"{tpu_name('My_Run.2')}-head"
+    assert body["name"] == name and len(name) <= 63
+    assert body["labels"] == {"team": "ml", "launcher-run": tpu_name("My_Run.2"), "launcher-role": "head"}
+    assert body["metadata"]["items"] == [{"key": "startup-script", "value": script}]
+    assert body["machineType"] == f"zones/{ZONE}/machineTypes/e2-standard-2"
+    disk = body["disks"][0]
+    assert disk["boot"] and disk["autoDelete"]
+    assert disk["initializeParams"]["sourceImage"] == "projects/debian-cloud/global/images/family/debian-12"
+    nic = body["networkInterfaces"][0]
+    assert nic["network"] == "global/networks/default"
+    assert nic["subnetwork"] == "regions/us-central2/subnetworks/tpu-subnet"
+    assert nic["accessConfigs"][0]["type"] == "ONE_TO_ONE_NAT"
+    assert body["serviceAccounts"] == [{"email": "head@proj.iam.gserviceaccount.com",
+                                        "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}]
+    head_for(server, external_ip=False).ensure("internal-only", script)
+    assert "accessConfigs" not in server.insert_bodies[1]["networkInterfaces"][0]
+    assert server.insert_bodies[1]["serviceAccounts"][0]["email"] == "default"
+
+
+def test_ensure_is_idempotent(server: ComputeApiServer) -> None:
+    lines: list[str] = []
+    head = head_for(server, lines)
+    script = head_startup_script(WHEEL)
+    head.ensure("idem", script)
+    assert head.ensure("idem", script)["name"] == "idem-head"  # while still provisioning
+    head.wait_running("idem")
+    assert head.ensure("idem", script)["status"] == "RUNNING"
+    assert server.count("POST", INSTANCES) == 1
+    assert sum("reusing head VM idem-head" in line for line in lines) == 2
+    assert not any("differs" in line for line in lines)
+    head.ensure("idem", head_startup_script(WHEEL.replace("abc123", "def456")))  # new wheel: warn, reuse
+    assert server.count("POST", INSTANCES) == 1 and "differs" in lines[-1]
+
+
+def test_terminated_instance_is_deleted_and_recreated(server: ComputeApiServer, events: Recorder) -> None:
+    lines: list[str] = []
+    head = head_for(server, lines)
+    head.ensure("pre", head_startup_script(WHEEL))
+    head.wait_running("pre")
+    server.stop("pre-head")  # preempted / stopped
+    assert head.status("pre") == "TERMINATED"
+    with pytest.raises(ProvisionError, match="pre-head is TERMINATED"):
+        head.wait_running("pre")
+    info = head.ensure("pre", head_startup_script(WHEEL))
+    assert any("pre-head is TERMINATED; deleting it to re-create" in line for line in lines)
+    assert [i["name"] for i in events.deleted] == ["pre-head"]
+    assert server.count("POST", INSTANCES) == 2 and server.count("DELETE", "/instances/pre-head") == 1
+    assert info["status"] != "TERMINATED"
+    assert head.wait_running("pre")["internal_ip"] == "127.0.0.1"
+
+
+def test_insert_operation_error(server: ComputeApiServer) -> None:
+    head = head_for(server)
+    server.fail_next_insert()
+    with pytest.raises(ProvisionError, match="could not create head VM nocap-head: ZONE_RESOURCE_POOL_EXHAUSTED"):
+        head.ensure("nocap", head_startup_script(WHEEL))
+    assert head.status("nocap") == "NOT_FOUND"
+    with pytest.raises(ProvisionError, match="nocap-head does not exist"):
+        head.wait_running("nocap")
+    with pytest.raises(ProvisionError, match="could not create head VM bad-labels-head: .*labels"):
+        head.ensure("bad-labels", "#!/bin/bash\n", labels={"Bad Key": "x"})
+
+
+def test_wait_timeout(events: Recorder) -> None:
+    with ComputeApiServer(tick_s=5.0, op_ticks=0) as srv:
+        head = HeadVm(PROJECT, ZONE, client=make_compute_client(srv.url), poll_s=0.01, timeout_s=0.2,
+                      progress=lambda line: None)
+        head.ensure("slow", "#!/bin/bash\n")
+        with pytest.raises(ProvisionError, match=r"timed out after .* \(PROVISIONING\)"):
+            head.wait_running("slow")
+        with pytest.raises(ProvisionError, match="no internal IP yet"):
+            head.address("slow")
+
+
+def test_server_errors_and_list(server: ComputeApiServer) -> None:
+    head = head_for(server)
+    client = head.client
+    with pytest.raises(gexc.NotFound):
+        client.get(project=PROJECT, zone=ZONE, instance="none")
+    head.ensure("ls", "#!/bin/bash\n")
+    with pytest.raises(gexc.Conflict):
+        client.insert(project=PROJECT, zone=ZONE, instance_resource=head._instance("ls", "#!/bin/bash\n", None))
+    assert [i.name for i in client.list(project=PROJECT, zone=ZONE)] == ["ls-head"]
+    assert list(client.list(project=PROJECT, zone="other-zone-a")) == []
+
+
+# startup script --------------------------------------------------------------------------------------
+
+STUBS = {  # fake commands on PATH: each logs its arguments to $STUB_LOG
+    "curl": r"""
+echo "curl $*" >>"$STUB_LOG"
+case "$*" in
+  *service-accounts/default/token*) printf '{"access_token": "tok", "expires_in": 60}' ;;
+  *) while [ $# -gt 0 ]; do [ "$1" = -o ] && : >"$2"; shift; done ;;
+esac""",
+    "apt-get": 'echo "apt-get $*" >>"$STUB_LOG"',
+    "ray": 'echo "system-ray $*" >>"$STUB_LOG"',
+    "python3": r"""
+if [ "$1" = -c ] && [ "$2" = "import ensurepip" ]; then exit 1; fi  # Debian without python3-venv
+if [ "$1" = -m ] && [ "$2" = venv ]; then
+  echo "python3 $*" >>"$STUB_LOG"
+  mkdir -p "$3/bin"
+  printf '#!/bin/bash\necho "venv-python $*" >>"$STUB_LOG"\n' >"$3/bin/python"
+  printf '#!/bin/bash\necho "venv-ray $*" >>"$STUB_LOG"\n' >"$3/bin/ray"
+  chmod +x "$3/bin/python" "$3/bin/ray"
+  exit 0
+fi
+exec "$REAL_PYTHON" "$@"
+""",
+}
+
+
+def test_head_script_is_valid_bash_without_secrets(tmp_path) -> None:
+    script = head_startup_script(WHEEL, ray_port=6380, dashboard_port=8266)
+    path = tmp_path / "head.sh"
+    path.write_text(script)
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    assert script.startswith("#!/bin/bash\n")
+    assert "Metadata-Flavor: Google" in script and "metadata.google.internal/computeMetadata/v1" in script
+    assert ("ray start --head --port=6380 --dashboard-host=0.0.0.0 --dashboard-port=8266 \\\n"
+            "  --include-dashboard=true --num-cpus=0") in script
+    for secret in ("BEGIN PRIVATE KEY", "private_key", "client_secret", "refresh_token", "ya29.", "AIza",
+                   "GOOGLE_APPLICATION_CREDENTIALS", "gcloud"):
+        assert secret not in script
+    assert "--num-cpus=2" in head_startup_script(WHEEL, num_cpus=2)
+    quoted = head_startup_script("gs://b/w w'; rm -rf x.whl")
+    subprocess.run(["bash", "-n", "-c", quoted], check=True)
+    assert "WHEEL_URL='gs://b/w w'\"'\"'; rm -rf x.whl'" in quoted
+
+
+def test_head_script_runs_with_stubs(tmp_path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in STUBS.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + body + "\n")
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log),
+           "REAL_PYTHON": sys.executable, "TPU_LAUNCHER_HEAD_LOG": str(tmp_path / "head.log"),
+           "TPU_LAUNCHER_WORKDIR": str(tmp_path / "work")}
+    (tmp_path / "head.sh").write_text(head_startup_script(WHEEL))
+    subprocess.run(["bash", str(tmp_path / "head.sh")], env=env, check=True, timeout=20)
+    calls = log.read_text().splitlines()
+    work = tmp_path / "work"
+    wheel = work / "tpu_pod_launcher-0.1.0-py3-none-any.whl"
+    assert wheel.exists()
+    assert "apt-get install -y -qq python3-venv python3-pip" in calls
+    assert f"python3 -m venv {work / 'venv'}" in calls
+    assert any("Authorization: Bearer tok" in c and "/storage/v1/b/run-bucket/o/wheels%2Fabc123%2Ftpu_pod_launcher"
+               in c for c in calls)
+    assert f"venv-python -m pip install --quiet --upgrade-strategy only-if-needed {wheel}" in calls
+    start = ("venv-ray start --head --port=6379 --dashboard-host=0.0.0.0 --dashboard-port=8265 "
+             "--include-dashboard=true --num-cpus=0 --disable-usage-stats")
+    assert start in calls and calls.index("venv-ray stop --force") < calls.index(start)
+    assert not any(c.startswith("system-ray") for c in calls)
+    assert "tok" not in (tmp_path / "head.log").read_text()
+    # a reboot reuses the venv: no apt-get, no second venv
+    log.write_text("")
+    subprocess.run(["bash", str(tmp_path / "head.sh")], env=env, check=True, timeout=20)
+    calls = log.read_text().splitlines()
+    assert not any(c.startswith(("apt-get", "python3 -m venv")) for c in calls) and start in calls
+
+
+# credentials -----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def no_adc(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    from google.auth.compute_engine import _metadata
+
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path))  # no gcloud ADC file there
+    monkeypatch.setenv("NO_GCE_CHECK", "true")
+    monkeypatch.setattr(_metadata, "_NO_GCE_CHECK", True)  # read at import time; skip the metadata probe
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    return monkeypatch
+
+
+def test_no_credentials(no_adc: pytest.MonkeyPatch, tmp_path) -> None:
+    with pytest.raises(ProvisionError) as err:
+        make_compute_client()
+    assert str(err.value) == CREDENTIALS_HINT and "\n" not in CREDENTIALS_HINT
+    no_adc.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "nope.json"))
+    with pytest.raises(ProvisionError, match="gcloud auth application-default login"):
+        HeadVm(PROJECT, ZONE)
