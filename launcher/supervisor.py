@@ -22,6 +22,7 @@ from launcher.errors import EXIT_FAILED, EXIT_OK, EXIT_USER_ERROR
 from launcher.hosts import HostStartError, Pod, wait_for_exit
 from launcher.logtail import LogTail
 from launcher.runsync import RunSync
+from launcher.stage import stage_for_cloud
 from launcher.rundir import RunDir
 from launcher.validate import Plan
 
@@ -132,6 +133,8 @@ def launch(cfg: DictConfig, plan: Plan, started_at: float) -> int:
 
 def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
     previous = run.read_json("summary.json") or {}
+    if cfg.cluster.provider != "local" and cfg.cluster.bucket:
+        stage_for_cloud(cfg, say=_say)
     run.write_text("config.yaml", to_yaml(cfg))
     if os.path.exists(run.file("result.json")):
         os.replace(run.file("result.json"), run.file("result.previous.json"))

@@ -117,7 +117,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def tpu_cloud():
+def tpu_cloud(gcs_emulator):
     """A Ray head with its job server (the cloud head VM's role), our TPU API server, and booted hosts."""
     port = _free_port()
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -141,6 +141,7 @@ def test_v4_32_launch_through_tpu_api(tpu_cloud, tmp_path, corpus_cache, gcs_emu
                   "checkpoint.every=4", "cluster.project=test-project", f"cluster.tpu_api_endpoint={server.url}",
                   f"ray.address={cluster.address}", f"ray.dashboard_port={cluster.dashboard_port}",
                   f"cluster.bucket=gs://{gcs_emulator.bucket}/cloud", f"cluster.host_run_root={tmp_path}/vm-disks",
+                  "checkpoint.ocdbt=false",
                   "launcher.preflight=false", timeout=600)
     assert proc.returncode == 0, explain(proc) + f"\nboot errors: {hosts.errors}"
     assert not hosts.errors
@@ -166,6 +167,12 @@ def test_v4_32_launch_through_tpu_api(tpu_cloud, tmp_path, corpus_cache, gcs_emu
     events = read_jsonl(os.path.join(run_dir, "events.jsonl"))
     assert {e["host"] for e in events if e["event"] == "first_step"} == {0, 1, 2, 3}
     assert [m["step"] for m in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "loss" in m][-1] == 4
+    # The hosts read the data and wrote checkpoints in the bucket, not on this machine's disk.
+    client = storage.Client(project="test")
+    names = [b.name for b in client.list_blobs(gcs_emulator.bucket, prefix="cloud/")]
+    assert any(n.startswith("cloud/data/") and n.endswith("manifest.json") for n in names)
+    assert any(n.startswith("cloud/runs/cloud-v4/checkpoints/4/") for n in names)
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints"))
     # The supervisor ran as a Ray job on the head; this terminal followed its output.
     assert "submitted the supervisor as Ray job launcher-cloud-v4-" in proc.stdout
     assert "[host 0] step 4/4" in proc.stdout
@@ -174,7 +181,7 @@ def test_v4_32_launch_through_tpu_api(tpu_cloud, tmp_path, corpus_cache, gcs_emu
     url = next(line for line in script.splitlines() if line.startswith("WHEEL_URL="))
     url = url.split("=", 1)[1].strip("'\"")
     assert url.startswith(f"gs://{gcs_emulator.bucket}/cloud/wheels/") and url.endswith(".whl")
-    blob = storage.Client(project="test").bucket(gcs_emulator.bucket).blob(url.split("/", 3)[3])
+    blob = client.bucket(gcs_emulator.bucket).blob(url.split("/", 3)[3])
     assert blob.exists()
 
 
