@@ -21,18 +21,31 @@ def _process_start_time() -> float:
 
 
 def _run_as_job(cfg, argv) -> int:
-    """Hand the run to a Ray job on the head (or find the live one) and follow its output."""
+    """Hand the run to a Ray job on the head (or find the live one) and follow its output.
+
+    Without ray.address a Ray head VM is created first (and deleted once the job is followed to its end).
+    """
     from launcher import job
     from launcher.supervisor import project_pythonpath
 
-    client = job.connect(cfg.ray.address, int(cfg.ray.dashboard_port))
+    head = None
+    if cfg.ray.address:
+        ray_address = job_address = cfg.ray.address
+    else:
+        head = job.HeadForRun(cfg)
+        ray_address, job_address = head.up()
+        argv = [*argv, f"ray.address={ray_address}"]
+    client = job.connect(job_address, int(cfg.ray.dashboard_port))
     job_id = job.live_job(client, cfg.run.name)
     if job_id:
         print(f"[launcher] run {cfg.run.name} is live as job {job_id}: following it", flush=True)
     else:
         job_id = job.submit(client, cfg.run.name, argv, {"PYTHONPATH": project_pythonpath()})
         print(f"[launcher] submitted the supervisor as Ray job {job_id}; Ctrl-C detaches", flush=True)
-    return job.follow(client, job_id)
+    code, finished = job.follow(client, job_id)
+    if head is not None and finished and cfg.cluster.delete_on_exit:
+        head.down()
+    return code
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,7 @@ import asyncio
 import shlex
 import sys
 import time
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -48,12 +48,19 @@ def live_job(client: JobSubmissionClient, run_name: str) -> Optional[str]:
 def submit(client: JobSubmissionClient, run_name: str, argv: List[str], env: dict) -> str:
     entrypoint = " ".join(shlex.quote(a) for a in
                           ["python", "-m", "launcher", *argv, "launcher.in_job=true", "launcher.preflight=false"])
-    return client.submit_job(entrypoint=entrypoint, submission_id=f"launcher-{run_name}-{int(time.time())}",
-                             metadata={"launcher-run": run_name}, runtime_env={"env_vars": env})
+    deadline = time.time() + 60
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, submission_id=f"launcher-{run_name}-{int(time.time())}",
+                                     metadata={"launcher-run": run_name}, runtime_env={"env_vars": env})
+        except RuntimeError as e:  # a head that just started: "No available agent" / 503 / 504 for a while
+            if not any(m in str(e) for m in ("try again later", "code 503", "code 504")) or time.time() > deadline:
+                raise
+            time.sleep(1.0)
 
 
-def follow(client: JobSubmissionClient, job_id: str, out=None) -> int:
-    """Print the job's output until it ends (exit code of its launcher), or until Ctrl-C (detach, 0)."""
+def follow(client: JobSubmissionClient, job_id: str, out=None) -> Tuple[int, bool]:
+    """Print the job's output until it ends (its launcher's exit code, True), or until Ctrl-C (0, False)."""
     out = out or sys.stdout
 
     async def tail():
@@ -66,9 +73,41 @@ def follow(client: JobSubmissionClient, job_id: str, out=None) -> int:
     except KeyboardInterrupt:
         print(f"\n[launcher] detached; job {job_id} goes on. Type the same command again to follow it.",
               flush=True)
-        return EXIT_OK
+        return EXIT_OK, False
     info = client.get_job_info(job_id)
     if info.status == JobStatus.SUCCEEDED:
-        return EXIT_OK
+        return EXIT_OK, True
     code = info.driver_exit_code
-    return int(code) if code not in (None, 0) else EXIT_FAILED
+    return (int(code) if code not in (None, 0) else EXIT_FAILED), True
+
+
+class HeadForRun:
+    """The run's Ray head VM (cluster/head_vm.py): created with the staged wheel, deleted after the run."""
+
+    def __init__(self, cfg):
+        from cluster.head_vm import HeadVm, make_compute_client
+
+        c = cfg.cluster
+        self.cfg = cfg
+        self.vm = HeadVm(c.project, c.zone, client=make_compute_client(c.compute_api_endpoint),
+                         machine_type=c.head_machine_type, image=c.head_image, network=c.network,
+                         subnetwork=c.subnetwork, service_account=c.service_account,
+                         poll_s=0.5 if c.compute_api_endpoint else 5.0,
+                         progress=lambda msg: print(f"[launcher] {msg}", flush=True))
+
+    def up(self) -> Tuple[str, str]:
+        """(Ray address the TPU VMs join: internal IP, host this terminal reaches the job server on)."""
+        from cluster.head_vm import head_startup_script
+        from launcher.wheel import stage_wheel
+
+        c, ray_cfg = self.cfg.cluster, self.cfg.ray
+        wheel_url = stage_wheel(c.bucket)
+        script = head_startup_script(wheel_url, int(ray_cfg.port), int(ray_cfg.dashboard_port))
+        self.vm.ensure(self.cfg.run.name, script, dict(c.labels))
+        info = self.vm.wait_running(self.cfg.run.name)
+        internal = f"{info['internal_ip']}:{int(ray_cfg.port)}"
+        reachable = info.get("external_ip") or info["internal_ip"]
+        return internal, f"{reachable}:{int(ray_cfg.port)}"
+
+    def down(self) -> None:
+        self.vm.delete(self.cfg.run.name, wait=True)

@@ -102,13 +102,17 @@ class ClusterConfig:
     tpu_api_endpoint: Optional[str] = None  # Cloud TPU API override (http://host:port: a test server, no credentials)
     provision_timeout_s: int = 3600
     delete_on_exit: bool = True  # delete the TPU resources when the launch ends
+    compute_api_endpoint: Optional[str] = None  # Compute Engine API override (tests), for the head VM
+    head_machine_type: str = "n2-standard-4"  # the Ray head VM created when ray.address is null
+    head_image: str = "projects/debian-cloud/global/images/family/debian-12"  # its Python must match the TPU VMs'
     shared_run_dir: Optional[bool] = None  # hosts see run.dir (null: true for local, false for gcp: synced)
     host_run_root: str = "/tmp/tpu-launcher/runs"  # host-local run dirs when not shared
 
 
 @dataclass
 class RayConfig:
-    address: Optional[str] = None  # attach to an existing Ray cluster instead of starting one
+    address: Optional[str] = None  # attach to an existing Ray cluster; cloud runs without one create a head VM
+    port: int = 6379  # the head VM's Ray port
     dashboard: bool = False
     dashboard_port: int = 8265  # the head's job server, for cloud runs supervised as a Ray job
 

@@ -101,9 +101,10 @@ def check_gcp(cfg: DictConfig) -> None:
     for key in ("project", "zone"):
         if not c[key]:
             raise UserError(f"cluster.{key}", "is required for provider gcp", f"pass cluster.{key}=...")
-    if not cfg.ray.address:
-        raise UserError("ray.address", "a cloud run needs a Ray head the TPU VMs can reach",
-                        "start one in the same VPC (ray start --head) and pass ray.address=IP:PORT")
+    if not cfg.ray.address and not c.bucket:
+        raise UserError("cluster.bucket", "a cloud run without ray.address creates a Ray head VM, which installs "
+                        "the project wheel from the run's bucket", "pass cluster.bucket=gs://BUCKET/PREFIX "
+                        "(or ray.address=IP:PORT of a Ray head in the VPC)")
     if c.tpu_api_endpoint:
         return  # a local Cloud TPU API server (tests): no credentials
     if not c.bucket:

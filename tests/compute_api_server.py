@@ -63,8 +63,8 @@ class ComputeApiServer:
     """The fake Compute Engine API: `start()` returns its base URL; also a context manager."""
 
     def __init__(self, tick_s: float = 0.2, op_ticks: int = 1, on_running: Optional[InstanceCallback] = None,
-                 on_delete: Optional[InstanceCallback] = None):
-        self.tick_s, self.op_ticks = tick_s, op_ticks
+                 on_delete: Optional[InstanceCallback] = None, ip: str = "127.0.0.1"):
+        self.tick_s, self.op_ticks, self.ip = tick_s, op_ticks, ip
         self.on_running, self.on_delete = on_running, on_delete
         self.requests: list[tuple[str, str]] = []  # (method, path without query), in arrival order
         self.insert_bodies: list[dict] = []  # JSON bodies of instance inserts
@@ -160,9 +160,9 @@ class ComputeApiServer:
                     record["json"]["status"] = status
                     if status == "RUNNING":
                         nic = record["json"]["networkInterfaces"][0]
-                        nic["networkIP"] = "127.0.0.1"
+                        nic["networkIP"] = self.ip
                         for config in nic.get("accessConfigs", []):
-                            config["natIP"] = "127.0.0.1"
+                            config["natIP"] = self.ip
                         record["json"]["lastStartTimestamp"] = _now()
                         events.append((self.on_running, record["json"]))
             for op in self.operations.values():

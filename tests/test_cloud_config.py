@@ -12,7 +12,7 @@ READY = ["cluster.project=p", "ray.address=10.0.0.2:6379", "cluster.bucket=gs://
 @pytest.mark.parametrize("extra,key", [
     ([], "cluster.project"),
     (["cluster.project=p", "cluster.zone=null"], "cluster.zone"),
-    (["cluster.project=p"], "ray.address"),
+    (["cluster.project=p"], "cluster.bucket"),  # no head given: a head VM needs the wheel in the bucket
     (["cluster.project=p", "ray.address=10.0.0.2:6379"], "cluster.bucket"),
     (READY, "credentials"),
     (READY + ["cluster.accelerator_type=v4-33"], "cluster.accelerator_type"),

@@ -29,7 +29,9 @@ def test_dry_run_plan(cluster, tmp_path, corpus_cache):
     assert KEYS <= set(plan)
     assert plan["accelerator_type"] in cluster
     assert plan["devices"] == plan["hosts"] * plan["chips_per_host"]
-    assert plan["devices"] == plan["mesh"]["data"] * plan["mesh"]["fsdp"] * plan["mesh"]["tensor"]
+    mesh = plan["mesh"]
+    assert plan["devices"] == mesh.get("dcn", 1) * mesh["data"] * mesh["fsdp"] * mesh["tensor"]
+    assert mesh.get("dcn", 1) == plan["num_slices"]
     assert plan["preflight"] == ("tpu-compiler" if tpu_compiler_installed() else "analytic")
     assert 0 < plan["est_hbm_bytes_per_chip"] < plan["hbm_bytes_per_chip"] and plan["fits"] is True
     assert plan["cost_per_hour_usd"]["spot"] < plan["cost_per_hour_usd"]["on_demand"]

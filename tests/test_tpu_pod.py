@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+import ray
 from google.cloud import storage
 from ray.cluster_utils import Cluster
 
@@ -34,8 +35,9 @@ class BootedHosts:
     thread (Ray requires it), in `pump()`.
     """
 
-    def __init__(self, cluster: Cluster):
+    def __init__(self, cluster: Cluster, node_ip: str = None):
         self.cluster, self.nodes, self.lock = cluster, {}, threading.Lock()
+        self.node_ip = {"node_ip_address": node_ip} if node_ip else {}
         self.errors, self.todo = [], queue.Queue()
 
     def on_ready(self, node: dict) -> None:
@@ -59,7 +61,7 @@ class BootedHosts:
             assert len(node["networkEndpoints"]) == spec.hosts
             booted = [self.cluster.add_node(num_cpus=1, resources=spec.host_resources(i),
                                             labels=spec.host_labels(i), env_vars=cpu_host_env(spec, i),
-                                            object_store_memory=80 * 1024 * 1024)
+                                            object_store_memory=80 * 1024 * 1024, **self.node_ip)
                       for i in range(spec.hosts)]
             with self.lock:
                 self.nodes[name] = booted
@@ -204,3 +206,54 @@ def test_detach_and_reattach_to_the_supervisor_job(tpu_cloud, tmp_path, corpus_c
     assert server.count("POST", "queuedResources") == 1
     summary = read_json(os.path.join(tmp_path, "detach", "summary.json"))
     assert summary["status"] == "completed" and summary["final_step"] == 6 and summary["hosts"] == 1
+
+
+def test_cloud_run_creates_and_deletes_its_ray_head_vm(gcs_emulator, tmp_path, corpus_cache):
+    """No ray.address: the launcher creates a Ray head VM (Compute Engine API), runs the supervisor there as a
+    Ray job, provisions the TPU through it, and deletes both at the end."""
+    from compute_api_server import ComputeApiServer
+
+    ray_port, dash_port = _free_port(), _free_port()
+    state = {}
+    todo = queue.Queue()
+
+    def start_head(instance):  # the head VM's startup script: `ray start --head` (on the main thread)
+        state["head"] = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "gcs_server_port": ray_port,
+            "include_dashboard": True, "dashboard_host": "0.0.0.0", "dashboard_port": dash_port,
+            "object_store_memory": 80 * 1024 * 1024})
+        state["hosts"] = BootedHosts(state["head"])
+        state["server"].on_ready, state["server"].on_delete = state["hosts"].on_ready, state["hosts"].on_delete
+
+    class Pump:  # quacks like BootedHosts for Cli: runs head boots, then host boots, on this thread
+        def pump(self):
+            while not todo.empty():
+                todo.get()()
+            if "hosts" in state:
+                state["hosts"].pump()
+
+    # The VM's IP is this machine's (where Ray's nodes register), as a VM's internal IP would be.
+    compute = ComputeApiServer(on_running=lambda inst: todo.put(lambda: start_head(inst)),
+                               ip=ray.util.get_node_ip_address())
+    state["server"] = TpuApiServer(tick_s=0.2)
+    compute.start()
+    state["server"].start()
+    try:
+        run_dir = tmp_path / "headless"
+        proc = Cli(Pump(), "+cluster=v4-8", "run.name=headless", f"run.dir={run_dir}", *TINY, "trainer.steps=2",
+                   "checkpoint.every=2", "checkpoint.ocdbt=false", "cluster.project=test-project",
+                   f"cluster.tpu_api_endpoint={state['server'].url}",
+                   f"cluster.compute_api_endpoint={compute.url}", f"cluster.bucket=gs://{gcs_emulator.bucket}/hl",
+                   f"ray.port={ray_port}", f"ray.dashboard_port={dash_port}", "launcher.preflight=false").finish()
+        assert proc.returncode == 0, explain(proc)
+        summary = read_json(run_dir / "summary.json")
+        assert summary["status"] == "completed" and summary["final_step"] == 2
+        insert = compute.insert_bodies[0]
+        assert insert["labels"]["launcher-run"] == "headless"
+        assert compute.count("DELETE", "instances/headless-head") == 1  # the head VM is gone
+        assert not compute.instances and not state["server"].queued_resources
+    finally:
+        state["server"].stop()
+        compute.stop()
+        if "head" in state:
+            state["head"].shutdown()

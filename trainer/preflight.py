@@ -35,6 +35,11 @@ class PreflightError(Exception):
 
 
 # -- helpers shared by both paths --------------------------------------------------------------------------
+def _mesh_sizes(mesh) -> Dict[str, int]:
+    """Axis sizes as the launcher reports them: `dcn` only when there are several slices."""
+    return {a: int(s) for a, s in mesh.shape.items() if a != "dcn" or int(s) > 1}
+
+
 def parse_topology(topology_name: str) -> Tuple[str, int]:
     """'v4:2x2x4' -> ('v4', 16 chips). Raises PreflightError for names this pre-flight does not know."""
     m = _TOPOLOGY_RE.match(str(topology_name).strip())
@@ -176,7 +181,7 @@ def compile_for_topology(cfg, topology_name: str, num_slices: int = 1, *, megaco
             compiled = lowered.compile(compiler_options=options or None)
     except Exception as e:  # noqa: BLE001 - JaxRuntimeError
         return _rejected(cfg, e, topology_name, gen, num_slices, chips, len(devices), per_chip,
-                         {a: int(s) for a, s in mesh.shape.items()}, time.perf_counter() - t0)
+                         _mesh_sizes(mesh), time.perf_counter() - t0)
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     if mem is None:
@@ -201,7 +206,7 @@ def compile_for_topology(cfg, topology_name: str, num_slices: int = 1, *, megaco
     out = {"preflight": "tpu-compiler", "topology": topology_name, "generation": gen, "num_slices": num_slices,
            "compile_s": round(compile_s, 3), "chips": chips, "devices": len(devices), "devices_per_chip": per_chip,
            "device_kind": devices[0].device_kind,
-           "compiler_options": options, "mesh": {a: int(s) for a, s in mesh.shape.items()},
+           "compiler_options": options, "mesh": _mesh_sizes(mesh),
            "bytes_per_device": b, "est_hbm_bytes_per_chip": b["peak_estimate"] * per_chip,
            "hbm_bytes_per_chip": HBM_BYTES_PER_CHIP[gen], "largest_buffers": _largest(leaves),
            "params": count_params(state["params"])}
