@@ -4,6 +4,7 @@ Uses `ray.cluster_utils.Cluster`: a real head (GCS) plus one real raylet per hos
 fails and drains them exactly as it does TPU VMs. Trainers then run on those nodes as CPU processes.
 """
 import logging
+import socket
 import time
 from typing import List, Optional, Union
 
@@ -13,6 +14,12 @@ log = logging.getLogger("cluster.local")
 
 
 CPU_DEVICES_ENV = "LAUNCHER_CPU_DEVICES"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def cpu_host_env(spec: SliceSpec, worker_id: int) -> dict:
@@ -35,7 +42,9 @@ class LocalProvider:
 
         t0 = time.time()
         self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 0, "include_dashboard": self.dashboard, "object_store_memory": 80 * 1024 * 1024})
+            "num_cpus": 0, "include_dashboard": self.dashboard, "object_store_memory": 80 * 1024 * 1024,
+            # a free port, not Ray's fixed default: several local pods (or tests) may run on one machine
+            "dashboard_agent_listen_port": _free_port()})
         for spec in self.slices:
             for worker_id in range(spec.hosts):
                 self.nodes.append(self.add_host(spec, worker_id, wait=False))

@@ -124,6 +124,7 @@ def tpu_cloud(gcs_emulator):
     port = _free_port()
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": True, "dashboard_host": "0.0.0.0", "dashboard_port": port,
+        "dashboard_agent_listen_port": _free_port(),  # not the default: other heads may run on this machine
         "object_store_memory": 80 * 1024 * 1024})
     cluster.dashboard_port = port
     hosts = BootedHosts(cluster)
@@ -221,6 +222,7 @@ def test_cloud_run_creates_and_deletes_its_ray_head_vm(gcs_emulator, tmp_path, c
         state["head"] = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "gcs_server_port": ray_port,
             "include_dashboard": True, "dashboard_host": "0.0.0.0", "dashboard_port": dash_port,
+            "dashboard_agent_listen_port": _free_port(),
             "object_store_memory": 80 * 1024 * 1024})
         state["hosts"] = BootedHosts(state["head"])
         state["server"].on_ready, state["server"].on_delete = state["hosts"].on_ready, state["hosts"].on_delete
