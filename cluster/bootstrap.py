@@ -15,6 +15,22 @@ import shlex
 METADATA_URL = "http://metadata.google.internal/computeMetadata/v1/instance"
 HEAD_ADDRESS_ATTR, HEAD_PORT_ATTR = "ray-head-address", "ray-head-port"
 
+# Fetch $WHEEL_URL into $WHEEL: gs:// with the VM service account's short-lived token from the metadata
+# server ($MD), so no script holds credentials; http(s):// plainly. Shared by the TPU VM and head VM scripts.
+FETCH_WHEEL = r"""case "$WHEEL_URL" in
+  gs://*)
+    path="${WHEEL_URL#gs://}"
+    bucket="${path%%/*}"
+    object="$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "${path#*/}")"
+    token="$(curl -sf -H "Metadata-Flavor: Google" "$MD/service-accounts/default/token" \
+      | python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])')"
+    curl -sf --retry 5 -H "Authorization: Bearer $token" -o "$WHEEL" \
+      "https://storage.googleapis.com/storage/v1/b/$bucket/o/$object?alt=media"
+    unset token
+    ;;
+  *) curl -sf --retry 5 -o "$WHEEL" "$WHEEL_URL" ;;
+esac"""
+
 _TEMPLATE = r"""#!/bin/bash
 # tpu-pod-launcher bootstrap (generated): install the wheel, clean the TPU host, join the Ray cluster.
 set -euo pipefail
@@ -33,19 +49,7 @@ mkdir -p "$WORKDIR"
 WHEEL="$WORKDIR/$(basename "$WHEEL_URL")"
 
 # 1. The project wheel from the run's bucket; its dependencies are pinned in the wheel's metadata.
-case "$WHEEL_URL" in
-  gs://*)
-    path="${{WHEEL_URL#gs://}}"
-    bucket="${{path%%/*}}"
-    object="$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "${{path#*/}}")"
-    token="$(curl -sf -H "Metadata-Flavor: Google" "$MD/service-accounts/default/token" \
-      | python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])')"
-    curl -sf --retry 5 -H "Authorization: Bearer $token" -o "$WHEEL" \
-      "https://storage.googleapis.com/storage/v1/b/$bucket/o/$object?alt=media"
-    unset token
-    ;;
-  *) curl -sf --retry 5 -o "$WHEEL" "$WHEEL_URL" ;;
-esac
+{fetch_wheel}
 python3 -m pip install --quiet --upgrade-strategy only-if-needed "$WHEEL"{extra_pip}
 
 # 2. Clean the TPU host: a stale libtpu lock or a leftover process holding the chips blocks the next run.
@@ -85,6 +89,7 @@ def startup_script(wheel_url: str, head_address: str, ray_port: int, resources_j
     if not isinstance(resources, dict):
         raise ValueError("resources_json must be a JSON object")
     return _TEMPLATE.format(
+        fetch_wheel=FETCH_WHEEL,
         metadata_url=shlex.quote(METADATA_URL), head_attr=shlex.quote(HEAD_ADDRESS_ATTR),
         port_attr=shlex.quote(HEAD_PORT_ATTR), head_address=shlex.quote(head_address),
         ray_port=shlex.quote(str(int(ray_port))), wheel_url=shlex.quote(wheel_url),

@@ -71,6 +71,22 @@ def _state_name(state: Any) -> str:
     return getattr(state, "name", str(state))
 
 
+def wait_operation(operation: Any, what: str, timeout_s: float, poll_s: float) -> Any:
+    """Poll a long-running Google API operation to its end; ProvisionError (with the operation's own error
+    codes when it has them) on failure or timeout. Used for TPU and Compute Engine operations alike."""
+    deadline = time.monotonic() + timeout_s
+    while not operation.done():
+        if time.monotonic() > deadline:
+            raise ProvisionError(f"timed out after {timeout_s:.0f}s waiting to {what}")
+        time.sleep(poll_s)
+    try:
+        return operation.result(timeout=0)
+    except gexc.GoogleAPICallError as exc:
+        error = getattr(operation, "error", None)  # Compute operations carry an error list: codes, not HTTP text
+        errors = [f"{e.code}: {e.message}" for e in getattr(error, "errors", [])] if error else []
+        raise ProvisionError(f"could not {what}: {'; '.join(errors) or exc.message}") from exc
+
+
 class GcpTpuProvider:
     """Creates, watches and deletes a run's TPU slices as one Cloud TPU queued resource."""
 
@@ -118,15 +134,7 @@ class GcpTpuProvider:
         return out
 
     def _wait_operation(self, operation: Any, what: str) -> Any:
-        deadline = time.monotonic() + self.timeout_s
-        while not operation.done():
-            if time.monotonic() > deadline:
-                raise ProvisionError(f"timed out after {self.timeout_s:.0f}s waiting to {what}")
-            time.sleep(self.poll_s)
-        try:
-            return operation.result(timeout=0)
-        except gexc.GoogleAPICallError as exc:
-            raise ProvisionError(f"could not {what}: {exc.message}") from exc
+        return wait_operation(operation, what, self.timeout_s, self.poll_s)
 
     def _dead_reason(self, qr: Any) -> Optional[str]:
         """Why an existing queued resource cannot be reused, or None when it is live."""

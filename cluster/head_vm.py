@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 
 from google.api_core import exceptions as gexc
 
-from cluster.bootstrap import METADATA_URL
-from cluster.gcp import CREDENTIALS_HINT, ProvisionError, tpu_name
+from cluster.bootstrap import FETCH_WHEEL, METADATA_URL
+from cluster.gcp import CREDENTIALS_HINT, ProvisionError, tpu_name, wait_operation
 
 ALIVE = {"PROVISIONING", "STAGING", "RUNNING", "REPAIRING"}
 DEAD = {"STOPPING", "PENDING_STOP", "STOPPED", "SUSPENDING", "SUSPENDED", "TERMINATED"}
@@ -89,19 +89,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 # 2. The project wheel from the run's bucket; its dependencies (ray[default], ...) are pinned in its metadata.
-case "$WHEEL_URL" in
-  gs://*)
-    path="${{WHEEL_URL#gs://}}"
-    bucket="${{path%%/*}}"
-    object="$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "${{path#*/}}")"
-    token="$(curl -sf -H "Metadata-Flavor: Google" "$MD/service-accounts/default/token" \
-      | python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])')"
-    curl -sf --retry 5 -H "Authorization: Bearer $token" -o "$WHEEL" \
-      "https://storage.googleapis.com/storage/v1/b/$bucket/o/$object?alt=media"
-    unset token
-    ;;
-  *) curl -sf --retry 5 -o "$WHEEL" "$WHEEL_URL" ;;
-esac
+{fetch_wheel}
 "$VENV/bin/python" -m pip install --quiet --upgrade-strategy only-if-needed "$WHEEL"
 
 # 3. The Ray head; jobs submitted to its job server run `python -m launcher` from this venv.
@@ -116,6 +104,7 @@ echo "[head] $(date -u +%FT%TZ) Ray head up on port {ray_port}, job server on po
 def head_startup_script(wheel_url: str, ray_port: int = 6379, dashboard_port: int = 8265, num_cpus: int = 0) -> str:
     """The head VM's bash startup script (metadata key `startup-script`); `num_cpus=0` keeps work off the head."""
     return _HEAD_TEMPLATE.format(
+        fetch_wheel=FETCH_WHEEL,
         metadata_url=shlex.quote(METADATA_URL), wheel_url=shlex.quote(wheel_url),
         ray_port=int(ray_port), dashboard_port=int(dashboard_port), num_cpus=int(num_cpus))
 
@@ -149,17 +138,7 @@ class HeadVm:
             return None
 
     def _wait_operation(self, operation: Any, what: str) -> None:
-        deadline = time.monotonic() + self.timeout_s
-        while not operation.done():
-            if time.monotonic() > deadline:
-                raise ProvisionError(f"timed out after {self.timeout_s:.0f}s waiting to {what}")
-            time.sleep(self.poll_s)
-        try:
-            operation.result(timeout=0)
-        except gexc.GoogleAPICallError as exc:
-            error = getattr(operation, "error", None)  # the operation's own error list: codes, not just HTTP text
-            errors = [f"{e.code}: {e.message}" for e in error.errors] if error else []
-            raise ProvisionError(f"could not {what}: {'; '.join(errors) or exc.message}") from exc
+        wait_operation(operation, what, self.timeout_s, self.poll_s)
 
     @staticmethod
     def _dict(instance: Any) -> dict:
