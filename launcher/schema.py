@@ -1,6 +1,6 @@
 """Structured config schema, registered in Hydra's ConfigStore so typos and wrong types fail at composition."""
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 

@@ -29,12 +29,11 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import threading
 import time
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Optional
-from urllib.parse import urlsplit
+from typing import Callable, Optional
+
+from fake_api import FakeApiError, FakeApiServer
 
 InstanceCallback = Callable[[dict], None]
 _BASE = "https://www.googleapis.com/compute/v1"
@@ -47,7 +46,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-class ApiError(Exception):
+class ApiError(FakeApiError):
     """An error the handler turns into a Google-style JSON error response."""
 
     def __init__(self, code: int, message: str, reason: Optional[str] = None):
@@ -59,55 +58,28 @@ class ApiError(Exception):
                           "errors": [{"message": self.message, "domain": "global", "reason": self.reason}]}}
 
 
-class ComputeApiServer:
+class ComputeApiServer(FakeApiServer):
     """The fake Compute Engine API: `start()` returns its base URL; also a context manager."""
+
+    thread_name = "compute-api-server"
 
     def __init__(self, tick_s: float = 0.2, op_ticks: int = 1, on_running: Optional[InstanceCallback] = None,
                  on_delete: Optional[InstanceCallback] = None, ip: str = "127.0.0.1"):
-        self.tick_s, self.op_ticks, self.ip = tick_s, op_ticks, ip
+        super().__init__(tick_s)
+        self.op_ticks, self.ip = op_ticks, ip
         self.on_running, self.on_delete = on_running, on_delete
-        self.requests: list[tuple[str, str]] = []  # (method, path without query), in arrival order
         self.insert_bodies: list[dict] = []  # JSON bodies of instance inserts
         self.instances: dict[str, dict] = {}  # "projects/P/zones/Z/instances/NAME" -> record
         self.operations: dict[str, dict] = {}  # "projects/P/zones/Z/operations/OP" -> record
-        self.url = ""
-        self._lock = threading.RLock()
         self._ids = itertools.count(1000)
         self._fail_next: Optional[tuple[str, str]] = None
-        self._httpd: Optional[ThreadingHTTPServer] = None
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-
-    # lifecycle -------------------------------------------------------------------------------
-    def start(self) -> str:
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
-        self._httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        serve = lambda: self._httpd.serve_forever(poll_interval=0.02)  # noqa: E731 (fast stop())
-        for target in (serve, self._tick_loop):
-            thread = threading.Thread(target=target, daemon=True, name="compute-api-server")
-            thread.start()
-            self._threads.append(thread)
-        return self.url
 
     def stop(self, name: Optional[str] = None) -> None:
         """Without a name: shut the server down. With one: the instance turns TERMINATED (see `terminate`)."""
         if name is not None:
             self.terminate(name)
             return
-        self._stop.set()
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-        for thread in self._threads:
-            thread.join(timeout=5)
-
-    def __enter__(self) -> "ComputeApiServer":
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.shutdown()
 
     # test hooks ------------------------------------------------------------------------------
     def terminate(self, name: str, status: str = "TERMINATED") -> None:
@@ -124,10 +96,6 @@ class ComputeApiServer:
         with self._lock:
             self._fail_next = (code, message)
 
-    def count(self, method: str, suffix: str) -> int:
-        """How many logged requests had this method and a path ending with `suffix`."""
-        return sum(1 for m, p in list(self.requests) if m == method and p.endswith(suffix))
-
     def instance(self, name: str) -> dict:
         """A copy of an instance's JSON (short or full name)."""
         with self._lock:
@@ -140,10 +108,6 @@ class ComputeApiServer:
         raise KeyError(f"no instance {name!r}")
 
     # state machine ---------------------------------------------------------------------------
-    def _tick_loop(self) -> None:
-        while not self._stop.wait(min(0.02, self.tick_s / 4)):
-            self.advance()
-
     def advance(self) -> None:
         """Move every instance and operation along its timeline; run callbacks outside the lock."""
         events: list[tuple[Optional[InstanceCallback], dict]] = []
@@ -190,6 +154,12 @@ class ComputeApiServer:
             print(f"compute_api_server: callback {callback!r} failed: {exc!r}")
 
     # API ---------------------------------------------------------------------------------------
+    def error_body(self, code: int, message: str) -> dict:
+        return ApiError(code, message).body()
+
+    def respond(self, method: str, path: str, query: dict[str, str], body: dict) -> tuple[int, dict]:
+        return 200, self.handle(method, path, body)
+
     def handle(self, method: str, path: str, body: dict) -> dict:
         match = re.fullmatch(r"/compute/v1/(projects/[^/]+/zones/[^/]+)/(instances|operations)(?:/([^/]+))?(/wait)?",
                              path)
@@ -305,37 +275,3 @@ class ComputeApiServer:
             record["json"]["status"] = "STOPPING"
         delay = max(0.0, record["delete_at"] - time.monotonic())
         return self._operation(zone_path, name, "delete", delay)
-
-
-def _make_handler(api: ComputeApiServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        disable_nagle_algorithm = True  # else keep-alive + delayed ACKs cost ~40 ms per request
-
-        def _serve(self) -> None:
-            url = urlsplit(self.path)
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            api.requests.append((self.command, url.path))
-            try:
-                body = json.loads(raw) if raw.strip() else {}
-                status, payload = 200, api.handle(self.command, url.path, body)
-            except ApiError as exc:
-                status, payload = exc.code, exc.body()
-            except json.JSONDecodeError as exc:
-                status, payload = 400, ApiError(400, str(exc), "parseError").body()
-            except Exception as exc:  # a server bug: answer 500 rather than drop the connection
-                status, payload = 500, ApiError(500, repr(exc), "backendError").body()
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=UTF-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        do_GET = do_POST = do_DELETE = do_PATCH = _serve
-
-        def log_message(self, format: str, *args: Any) -> None:  # quiet
-            pass
-
-    return Handler

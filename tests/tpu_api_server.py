@@ -34,12 +34,11 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import threading
 import time
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Optional
-from urllib.parse import parse_qs, urlsplit
+
+from fake_api import FakeApiError, FakeApiServer
 
 NodeCallback = Callable[[dict], None]
 _OP_METADATA = "type.googleapis.com/google.cloud.tpu.v2.OperationMetadata"
@@ -63,18 +62,23 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-class ApiError(Exception):
+class ApiError(FakeApiError):
     """An error the handler turns into a Google-style JSON error response."""
 
-    STATUS = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 409: "ALREADY_EXISTS"}
+    STATUS = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 409: "ALREADY_EXISTS", 500: "INTERNAL"}
 
     def __init__(self, code: int, message: str, status: Optional[str] = None):
         super().__init__(message)
         self.code, self.message, self.status = code, message, status or self.STATUS.get(code, "UNKNOWN")
 
+    def body(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message, "status": self.status}}
 
-class TpuApiServer:
+
+class TpuApiServer(FakeApiServer):
     """The fake Cloud TPU API: `start()` returns its base URL; also a context manager."""
+
+    thread_name = "tpu-api-server"
 
     def __init__(self, tick_s: float = 0.2, hosts_for: Callable[[str], int] = default_hosts_for,
                  qr_states: tuple[str, ...] = ("ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"),
@@ -82,48 +86,19 @@ class TpuApiServer:
                  on_ready: Optional[NodeCallback] = None, on_delete: Optional[NodeCallback] = None,
                  on_preempt: Optional[NodeCallback] = None):
         assert qr_states and qr_states[-1] == "ACTIVE" and "PROVISIONING" in qr_states
-        self.tick_s, self.hosts_for, self.qr_states = tick_s, hosts_for, qr_states
+        super().__init__(tick_s)
+        self.hosts_for, self.qr_states = hosts_for, qr_states
         self.create_op_ticks, self.suspend_on_preempt = create_op_ticks, suspend_on_preempt
         self.on_ready, self.on_delete, self.on_preempt = on_ready, on_delete, on_preempt
-        self.requests: list[tuple[str, str]] = []  # (method, path without query), in arrival order
         self.create_bodies: list[dict] = []  # JSON bodies of queued-resource creates
         self.queued_resources: dict[str, dict] = {}  # full name -> record
         self.nodes: dict[str, dict] = {}  # full name -> node JSON
         self.operations: dict[str, dict] = {}  # full name -> record
-        self.url = ""
-        self._lock = threading.RLock()
         self._ids = itertools.count(1)
         self._fail_next: Optional[tuple[str, str]] = None
-        self._httpd: Optional[ThreadingHTTPServer] = None
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-
-    # lifecycle -------------------------------------------------------------------------------
-    def start(self) -> str:
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
-        self._httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        serve = lambda: self._httpd.serve_forever(poll_interval=0.02)  # noqa: E731 (fast stop())
-        for target in (serve, self._tick_loop):
-            thread = threading.Thread(target=target, daemon=True, name="tpu-api-server")
-            thread.start()
-            self._threads.append(thread)
-        return self.url
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-        for thread in self._threads:
-            thread.join(timeout=5)
-
-    def __enter__(self) -> "TpuApiServer":
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.shutdown()
 
     # test hooks ------------------------------------------------------------------------------
     def fail_next_create(self, state: str = "FAILED", message: str = "There is no more capacity in the zone") -> None:
@@ -148,15 +123,7 @@ class TpuApiServer:
         with self._lock:
             self._node(node)["state"] = state
 
-    def count(self, method: str, suffix: str) -> int:
-        """How many logged requests had this method and a path ending with `suffix`."""
-        return sum(1 for m, p in list(self.requests) if m == method and p.endswith(suffix))
-
     # state machine ---------------------------------------------------------------------------
-    def _tick_loop(self) -> None:
-        while not self._stop.wait(min(0.02, self.tick_s / 4)):
-            self.advance()
-
     def advance(self) -> None:
         """Move every resource along its timeline; run callbacks outside the lock."""
         events: list[tuple[Optional[NodeCallback], dict]] = []
@@ -237,6 +204,12 @@ class TpuApiServer:
         raise KeyError(f"no node {node!r}")
 
     # API ---------------------------------------------------------------------------------------
+    def error_body(self, code: int, message: str) -> dict:
+        return ApiError(code, message).body()
+
+    def respond(self, method: str, path: str, query: dict[str, str], body: dict) -> tuple[int, dict]:
+        return self.handle(method, path, query, body)
+
     def handle(self, method: str, path: str, query: dict[str, str], body: dict) -> tuple[int, dict]:
         match = re.fullmatch(r"/v2/(projects/[^/]+/locations/[^/]+)/(queuedResources|nodes|operations)(?:/([^/:]+))?",
                              path)
@@ -360,39 +333,3 @@ class TpuApiServer:
                     self.nodes[node_name]["state"] = "DELETING"
         delay = max(0.0, qr["delete_at"] - time.monotonic())
         return self._operation(parent, name, "delete", delay, {"@type": _EMPTY_TYPE})
-
-
-def _make_handler(api: TpuApiServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        disable_nagle_algorithm = True  # else keep-alive + delayed ACKs cost ~40 ms per request
-
-        def _serve(self) -> None:
-            url = urlsplit(self.path)
-            query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            api.requests.append((self.command, url.path))
-            try:
-                body = json.loads(raw) if raw.strip() else {}
-                status, payload = api.handle(self.command, url.path, query, body)
-            except ApiError as exc:
-                status = exc.code
-                payload = {"error": {"code": exc.code, "message": exc.message, "status": exc.status}}
-            except json.JSONDecodeError as exc:
-                status, payload = 400, {"error": {"code": 400, "message": str(exc), "status": "INVALID_ARGUMENT"}}
-            except Exception as exc:  # a server bug: answer 500 rather than drop the connection
-                status, payload = 500, {"error": {"code": 500, "message": repr(exc), "status": "INTERNAL"}}
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=UTF-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        do_GET = do_POST = do_DELETE = do_PATCH = _serve
-
-        def log_message(self, format: str, *args: Any) -> None:  # quiet
-            pass
-
-    return Handler
