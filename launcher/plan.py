@@ -65,18 +65,8 @@ def make_plan(cfg: DictConfig, plan: Plan, compile: bool = True) -> dict:
     if tpu is not None:
         out["cost_per_hour_usd"] = catalog.cost_per_hour(tpu, plan.num_slices, on_demand=cfg.cluster.price_on_demand,
                                                          spot=cfg.cluster.price_spot)
-        out["est_step_time_s"] = _step_time(cfg, out["params"], tpu.chips * plan.num_slices,
-                                            tpu.peak_bf16_flops_per_chip)
+        out["est_step_time_s"] = pre.get("est_step_s")  # MaxText-style FLOPs at 40% MFU (trainer/preflight.py)
     return out
-
-
-def _step_time(cfg: DictConfig, params: Optional[int], chips: int, peak: float, mfu: float = 0.4) -> Optional[float]:
-    """MaxText-style model FLOPs (6 x params x tokens + causal attention at half) at an assumed 40% MFU."""
-    if not params:
-        return None
-    m, tokens = cfg.model, cfg.trainer.batch_size * cfg.model.seq_len
-    attention = 6 * m.n_layers * tokens * m.seq_len * m.d_model  # 12 x L x T x S x d, causal at half
-    return (6 * params * tokens + attention) / (peak * chips * mfu)
 
 
 def refuse_if_unfit(p: dict) -> None:
