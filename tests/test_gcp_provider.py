@@ -289,22 +289,11 @@ def test_bootstrap_script_is_valid_bash_without_secrets(tmp_path) -> None:
 
 
 def test_bootstrap_script_runs_with_stubs(tmp_path) -> None:
-    import os
-    import subprocess
-    import sys
+    from script_stubs import run_with_stubs
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, body in STUBS.items():
-        (bin_dir / name).write_text("#!/bin/bash\n" + body + "\n")
-        (bin_dir / name).chmod(0o755)
-    log = tmp_path / "calls.log"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log),
-           "REAL_PYTHON": sys.executable, "TPU_LAUNCHER_BOOTSTRAP_LOG": str(tmp_path / "boot.log"),
-           "TPU_LAUNCHER_WORKDIR": str(tmp_path / "work")}
-    (tmp_path / "startup.sh").write_text(bootstrap_script())
-    subprocess.run(["bash", str(tmp_path / "startup.sh")], env=env, check=True, timeout=20)
-    calls = log.read_text().splitlines()
+    calls = run_with_stubs(bootstrap_script(), tmp_path, STUBS,
+                           {"TPU_LAUNCHER_BOOTSTRAP_LOG": str(tmp_path / "boot.log"),
+                            "TPU_LAUNCHER_WORKDIR": str(tmp_path / "work")})
     wheel = tmp_path / "work" / "tpu_pod_launcher-0.1.0-py3-none-any.whl"
     assert wheel.exists()
     assert any("Authorization: Bearer tok" in c and "/storage/v1/b/run-bucket/o/runs%2Fr%201%2Ftpu_pod_launcher"

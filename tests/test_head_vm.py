@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -13,6 +11,7 @@ from google.api_core import exceptions as gexc
 from cluster.gcp import CREDENTIALS_HINT, ProvisionError, tpu_name
 from cluster.head_vm import HeadVm, head_startup_script, make_compute_client
 from compute_api_server import ComputeApiServer
+from script_stubs import run_with_stubs
 
 PROJECT, ZONE = "proj", "us-central2-b"
 INSTANCES = f"/compute/v1/projects/{PROJECT}/zones/{ZONE}/instances"
@@ -216,18 +215,8 @@ def test_head_script_is_valid_bash_without_secrets(tmp_path) -> None:
 
 
 def test_head_script_runs_with_stubs(tmp_path) -> None:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, body in STUBS.items():
-        (bin_dir / name).write_text("#!/bin/bash\n" + body + "\n")
-        (bin_dir / name).chmod(0o755)
-    log = tmp_path / "calls.log"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log),
-           "REAL_PYTHON": sys.executable, "TPU_LAUNCHER_HEAD_LOG": str(tmp_path / "head.log"),
-           "TPU_LAUNCHER_WORKDIR": str(tmp_path / "work")}
-    (tmp_path / "head.sh").write_text(head_startup_script(WHEEL))
-    subprocess.run(["bash", str(tmp_path / "head.sh")], env=env, check=True, timeout=20)
-    calls = log.read_text().splitlines()
+    script_env = {"TPU_LAUNCHER_HEAD_LOG": str(tmp_path / "head.log"), "TPU_LAUNCHER_WORKDIR": str(tmp_path / "work")}
+    calls = run_with_stubs(head_startup_script(WHEEL), tmp_path, STUBS, script_env)
     work = tmp_path / "work"
     wheel = work / "tpu_pod_launcher-0.1.0-py3-none-any.whl"
     assert wheel.exists()
@@ -242,9 +231,7 @@ def test_head_script_runs_with_stubs(tmp_path) -> None:
     assert not any(c.startswith("system-ray") for c in calls)
     assert "Bearer tok" not in (tmp_path / "head.log").read_text()
     # a reboot reuses the venv: no apt-get, no second venv
-    log.write_text("")
-    subprocess.run(["bash", str(tmp_path / "head.sh")], env=env, check=True, timeout=20)
-    calls = log.read_text().splitlines()
+    calls = run_with_stubs(head_startup_script(WHEEL), tmp_path, STUBS, script_env)
     assert not any(c.startswith(("apt-get", "python3 -m venv")) for c in calls) and start in calls
 
 
