@@ -5,6 +5,7 @@ the actors by slice (a STRICT_SPREAD placement group whose bundles need the slic
 `TPU-<type>-head` resource) and maps each to its TPU worker id, which becomes its JAX process id.
 """
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,6 +21,37 @@ from cluster.slice import SliceSpec
 from launcher.runsync import APPENDED, WHOLE, read_new
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def coordinator_port(rng: Optional[random.Random] = None) -> int:
+    """A free port for the JAX coordinator, if this host is worker 0.
+
+    Taken below the kernel's ephemeral range (and above Ray's worker ports, 10002-19999): a port from bind(0)
+    is free now but may be handed to another process's outgoing connection in the seconds before the trainer
+    binds it ("Failed to add port to server"); a port outside that range is never handed out implicitly.
+    The coordinator listens on every interface, so the port is checked there.
+    """
+    rng = rng or random.SystemRandom()
+    low, high = 20000, _ephemeral_low() - 1
+    if high <= low:
+        low, high = 20000, 29999
+    for _ in range(200):
+        port = rng.randint(low, high)
+        try:
+            with socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET) as s:
+                s.bind(("", port))
+            return port
+        except OSError:
+            continue
+    raise HostStartError(f"no free port in {low}-{high} for the JAX coordinator")
+
+
 class HostStartError(Exception):
     """Ray could not place one trainer on every host of the slice."""
 
@@ -31,10 +63,7 @@ class HostActor:
 
     def info(self) -> Dict:
         ip = ray.util.get_node_ip_address()
-        with socket.socket() as s:  # a free port for the coordinator, if this host is worker 0
-            s.bind((ip, 0))
-            port = s.getsockname()[1]
-        return {"worker_id": int(os.environ.get("TPU_WORKER_ID", "-1")), "ip": ip, "port": port,
+        return {"worker_id": int(os.environ.get("TPU_WORKER_ID", "-1")), "ip": ip, "port": coordinator_port(),
                 "hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
                 "actor_pid": os.getpid()}
 
