@@ -45,6 +45,11 @@ class CloudProvider:
         self.nodes = self.api.wait_active(self.run_name)
         return self.ray_address
 
+    def repair(self, bad_node_ids=()) -> List[str]:
+        """Provision again: preempted, failed or suspended resources are deleted and re-created (ensure)."""
+        self.up()
+        return [n.get("name", "") for n in self.nodes]
+
     def node_states(self) -> Dict[str, str]:
         return self.api.node_states(self.run_name)
 

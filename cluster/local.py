@@ -35,6 +35,7 @@ class LocalProvider:
         self.cpus_per_host, self.dashboard = cpus_per_host, dashboard
         self.cluster = None
         self.nodes = []
+        self.hosts = []  # (slice, worker id) of each node in self.nodes
 
     def up(self) -> str:
         """Start the head and all hosts; returns the Ray address to connect to."""
@@ -48,6 +49,7 @@ class LocalProvider:
         for spec in self.slices:
             for worker_id in range(spec.hosts):
                 self.nodes.append(self.add_host(spec, worker_id, wait=False))
+                self.hosts.append((spec, worker_id))
         self.cluster.wait_for_nodes()
         log.info("local pod: %d hosts up in %.1fs", len(self.nodes), time.time() - t0)
         return self.cluster.address
@@ -58,6 +60,36 @@ class LocalProvider:
             labels=spec.host_labels(worker_id), env_vars=cpu_host_env(spec, worker_id),
             object_store_memory=80 * 1024 * 1024)
 
+    def repair(self, bad_node_ids=()) -> List[str]:
+        """Replace each host whose Ray node died or is listed in bad_node_ids (drained): the local stand-in
+        for re-provisioning a preempted TPU VM. Returns the replaced nodes' ids."""
+        import ray
+
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        replaced = []
+        for k, node in enumerate(self.nodes):
+            if node.node_id in alive and node.node_id not in set(bad_node_ids):
+                continue
+            try:
+                self.cluster.remove_node(node, allow_graceful=False)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+            spec, worker_id = self.hosts[k]
+            self.nodes[k] = self.add_host(spec, worker_id, wait=False)
+            replaced.append(node.node_id)
+        if replaced:
+            self.cluster.wait_for_nodes()
+        return replaced
+
+    def processes(self) -> List[int]:
+        """Pids of this pod's Ray processes (head and raylets), recorded so a later launch can clean up
+        after a supervisor that died without shutting them down."""
+        pids = []
+        for node in ([self.cluster.head_node] if self.cluster and self.cluster.head_node else []) + self.nodes:
+            for infos in node.all_processes.values():
+                pids.extend(info.process.pid for info in infos if info.process is not None)
+        return pids
+
     def down(self) -> None:
         if self.cluster is not None:
             try:
@@ -65,6 +97,7 @@ class LocalProvider:
             finally:
                 self.cluster = None
                 self.nodes = []
+                self.hosts = []
 
 
 class AttachedProvider:
@@ -75,6 +108,9 @@ class AttachedProvider:
 
     def up(self) -> Optional[str]:
         return self.address
+
+    def repair(self, bad_node_ids=()) -> List[str]:
+        return []  # the cluster's own autoscaler replaces lost hosts
 
     def down(self) -> None:
         pass

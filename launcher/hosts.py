@@ -16,6 +16,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.hygiene import clean_host
 from cluster.local import CPU_DEVICES_ENV
 from cluster.slice import SliceSpec
 from launcher.runsync import APPENDED, WHOLE, read_new
@@ -68,12 +69,17 @@ class HostActor:
                 "actor_pid": os.getpid()}
 
     def run(self, argv: List[str], env: Dict[str, str], log_path: str, cwd: str,
-            files: Optional[Dict[str, str]] = None) -> int:
-        """Run the trainer to completion; its output goes to log_path. Returns its exit code.
+            files: Optional[Dict[str, str]] = None, heartbeat_file: Optional[str] = None) -> int:
+        """Run the trainer to completion; its output goes to log_path. Returns its exit code (a signal n as
+        128+n, as a shell reports it).
 
-        `files` (path -> text) are written first: a host-local run directory's config, when the host does not
-        share the supervisor's filesystem; its stale synced copies are cleared so they are not synced twice.
+        First the host is cleaned (cluster/hygiene.py): a trainer of an earlier attempt still running (its pid
+        in `heartbeat_file`) is killed, and on a TPU VM whatever holds the TPU. `files` (path -> text) are
+        written next: a host-local run directory's config, when the host does not share the supervisor's
+        filesystem; its stale synced copies are cleared so they are not synced twice.
         """
+        self.stop(grace_s=0)
+        cleaned = clean_host(heartbeat_file)
         if files:
             for name in (*APPENDED, *WHOLE, os.path.relpath(log_path, cwd)):
                 try:
@@ -92,10 +98,26 @@ class HostActor:
             argv = [*argv, "--devices", cpu_devices]
             full_env["JAX_PLATFORMS"] = "cpu"
         with open(log_path, "ab", buffering=0) as log:
+            for action in cleaned:
+                log.write(f"[hygiene] {action}\n".encode())
             self.proc = subprocess.Popen([sys.executable, *argv], env=full_env, cwd=cwd, stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
-            return self.proc.wait()
+            code = self.proc.wait()
+        return 128 - code if code < 0 else code
+
+    def signal(self, signum: int) -> bool:
+        """Send a signal to the trainer's process group (SIGTERM: preemption notice; SIGUSR1: stack dump)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        try:
+            os.killpg(self.proc.pid, signum)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def fresh_port(self) -> int:
+        return coordinator_port()
 
     def pull(self, root: str, offsets: Dict[str, int]):
         """New bytes of this host's run-directory files (see launcher/runsync.py)."""
@@ -105,11 +127,15 @@ class HostActor:
         return self.proc.pid if self.proc is not None else None
 
     def stop(self, grace_s: float = 5.0) -> Optional[int]:
-        """SIGTERM the trainer's process group, SIGKILL after grace_s."""
+        """SIGTERM the trainer's process group (a preemption notice: it saves at an agreed step and exits),
+        SIGKILL after grace_s; grace_s=0: SIGKILL at once."""
         if self.proc is None or self.proc.poll() is not None:
             return None if self.proc is None else self.proc.returncode
         try:
+            if grace_s <= 0:
+                raise subprocess.TimeoutExpired("trainer", 0)
             os.killpg(self.proc.pid, signal.SIGTERM)
+            os.killpg(self.proc.pid, signal.SIGCONT)  # a stopped (SIGSTOP) trainer must see it too
             self.proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -181,10 +207,25 @@ class Pod:
     def slice_of(self, process_id: int) -> int:
         return self.infos[process_id]["slice"]
 
-    def start(self, argv_for, env_for, log_path_for, cwd_for, files_for=lambda i: None):
+    def start(self, argv_for, env_for, log_path_for, cwd_for, files_for=lambda i: None,
+              heartbeat_for=lambda i: None):
         """Start every host's trainer; returns the ObjectRefs of their exit codes, by process id."""
-        return [actor.run.remote(argv_for(i), env_for(i), log_path_for(i), cwd_for(i), files_for(i))
+        return [actor.run.remote(argv_for(i), env_for(i), log_path_for(i), cwd_for(i), files_for(i),
+                                 heartbeat_for(i))
                 for i, actor in enumerate(self.actors)]
+
+    def new_coordinator(self, timeout_s: float = 30) -> str:
+        """A fresh coordinator port on host 0 for the next attempt (the last one's may linger in TIME_WAIT)."""
+        port = ray.get(self.actors[0].fresh_port.remote(), timeout=timeout_s)
+        self.infos[0]["port"] = port
+        return self.coordinator
+
+    def signal(self, hosts, signum: int) -> None:
+        refs = [self.actors[i].signal.remote(signum) for i in hosts]
+        try:
+            ray.get(refs, timeout=10)
+        except Exception:  # noqa: BLE001 - a dead host cannot be signalled
+            pass
 
     def stop_all(self, grace_s: float = 5.0) -> None:
         refs = [a.stop.remote(grace_s) for a in self.actors]
@@ -192,6 +233,14 @@ class Pod:
             ray.get(refs, timeout=grace_s + 10)
         except Exception:  # noqa: BLE001 - a dead host has nothing left to stop
             pass
+
+    def healthy(self, timeout_s: float = 10) -> bool:
+        """Every host's actor (and so its Ray node) still answers: the slice can be reused as it is."""
+        try:
+            ray.get([a.pid.remote() for a in self.actors], timeout=timeout_s)
+            return True
+        except Exception:  # noqa: BLE001 - a dead actor, node or timeout: not reusable
+            return False
 
     def close(self) -> None:
         for g in self.groups:

@@ -18,6 +18,7 @@ class RunDir:
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
         self._lock_fd: Optional[int] = None
+        self.taken_over: Optional[dict] = None
 
     def file(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
@@ -40,6 +41,11 @@ class RunDir:
             os.close(fd)
             raise UserError("run.name", f"a launch of this run is already live ({holder or 'unknown holder'})",
                             "wait for it to finish, or choose another run.name") from None
+        stale = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        try:
+            self.taken_over = json.loads(stale) if stale else None  # a holder that died without releasing
+        except json.JSONDecodeError:
+            self.taken_over = {"holder": stale}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                   "since": time.time()}).encode(), 0)

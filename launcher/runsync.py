@@ -9,12 +9,18 @@ from typing import Dict, List, Tuple
 
 import ray
 
-APPENDED = ("events.jsonl", "metrics.jsonl")
+APPENDED = ("events.jsonl", "metrics.jsonl", "goodput.jsonl")
 WHOLE = ("result.json",)
 
 
 def host_files(host: int) -> Tuple[str, ...]:
-    return (f"logs/host-{host}.log",) + APPENDED
+    """What host `host` writes: its log, the appended files, its heartbeat, and (host 0) the result."""
+    return (f"logs/host-{host}.log",) + APPENDED + (f"hosts/host-{host}.json",) + (WHOLE if host == 0 else ())
+
+
+def is_whole(name: str) -> bool:
+    """Files rewritten in place (copied whole), as opposed to appended to."""
+    return name in WHOLE or name.startswith("hosts/")
 
 
 def read_new(root: str, offsets: Dict[str, int]) -> Dict[str, Tuple[bytes, int]]:
@@ -24,7 +30,7 @@ def read_new(root: str, offsets: Dict[str, int]) -> Dict[str, Tuple[bytes, int]]
         path = os.path.join(root, name)
         try:
             with open(path, "rb") as f:
-                if name in WHOLE:
+                if is_whole(name):
                     out[name] = (f.read(), 0)
                     continue
                 f.seek(offset)
@@ -42,8 +48,7 @@ class RunSync:
 
     def __init__(self, run_dir: str, actors: List, host_dirs: List[str]):
         self.run_dir, self.actors, self.host_dirs = run_dir, actors, host_dirs
-        self.offsets = {i: {name: 0 for name in host_files(i) + (WHOLE if i == 0 else ())}
-                        for i in range(len(actors))}
+        self.offsets = {i: {name: 0 for name in host_files(i)} for i in range(len(actors))}
 
     def pull(self, timeout_s: float = 30.0) -> None:
         refs = {i: a.pull.remote(self.host_dirs[i], self.offsets[i]) for i, a in enumerate(self.actors)}
@@ -55,7 +60,7 @@ class RunSync:
             for name, (data, offset) in chunks.items():
                 target = os.path.join(self.run_dir, name)
                 os.makedirs(os.path.dirname(target), exist_ok=True)
-                if name in WHOLE:
+                if is_whole(name):
                     with open(target + ".tmp", "wb") as f:
                         f.write(data)
                     os.replace(target + ".tmp", target)

@@ -127,6 +127,22 @@ class LauncherConfig:
 
 
 @dataclass
+class SupervisorConfig:
+    max_preemptions: int = -1  # restarts after preemptions (node preempted, drained or lost; exit 42); -1: no limit
+    max_failures: int = 3  # restarts after crashes (a host killed by a signal), hangs and timeouts; per launch
+    backoff_s: float = 2.0  # wait before a restart, doubled after each failure in a row, up to backoff_max_s
+    backoff_max_s: float = 60.0
+    stop_grace_s: float = 30.0  # Ctrl-C / SIGTERM: time the hosts get to checkpoint at an agreed step
+
+
+@dataclass
+class WatchdogConfig:
+    timeout_s: float = 600.0  # a host whose step or phase has not changed for this long is hung
+    startup_timeout_s: float = 1800.0  # the same before its first step (init, restore, compile)
+    heartbeat_s: float = 1.0  # how often each host rewrites ${run.dir}/hosts/host-<i>.json
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -138,6 +154,8 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
 
 
 def register() -> None:

@@ -19,12 +19,17 @@ from cluster.gcp import ProvisionError
 from cluster.local import AttachedProvider, LocalProvider
 from launcher.config import to_yaml
 from launcher.errors import EXIT_FAILED, EXIT_OK, EXIT_USER_ERROR
-from launcher.hosts import HostStartError, Pod, wait_for_exit
+from launcher import goodput
+from launcher.classify import HOST_LOST, Budget, classify
+from launcher.hosts import HostStartError, Pod
 from launcher.logtail import LogTail
 from launcher.runsync import RunSync
 from launcher.stage import stage_for_cloud
 from launcher.rundir import RunDir
 from launcher.validate import Plan
+from launcher.watch import Watch
+from trainer.goodput import FILENAME as GOODPUT_FILE, GoodputLog
+from trainer.heartbeat import read_heartbeat
 
 log = logging.getLogger("launcher")
 
@@ -123,6 +128,8 @@ def _on_sigterm(signum, frame):
 def launch(cfg: DictConfig, plan: Plan, started_at: float) -> int:
     run = RunDir(cfg.run.dir)
     run.acquire()
+    if run.taken_over:
+        _take_over(run)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return _launch(cfg, plan, run, started_at)
@@ -132,64 +139,36 @@ def launch(cfg: DictConfig, plan: Plan, started_at: float) -> int:
 
 
 def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
-    previous = run.read_json("summary.json") or {}
     if cfg.cluster.provider != "local" and cfg.cluster.bucket:
         stage_for_cloud(cfg, say=_say)
     run.write_text("config.yaml", to_yaml(cfg))
     if os.path.exists(run.file("result.json")):
         os.replace(run.file("result.json"), run.file("result.previous.json"))
     run.event("command_start", time=started_at, argv=sys.argv[1:])
+    ledger = GoodputLog(run.path)
+    ledger("launch", time=started_at)
     _say(f"run {cfg.run.name} -> {run.path}")
     _say(f"{plan.num_slices} x {plan.slice.accelerator_type} ({', '.join(s.name for s in plan.slices)}): "
          f"{plan.slice.hosts} hosts x {plan.slice.devices_per_host} devices per slice, mesh {plan.mesh}")
     provider = _provider(cfg, plan)
-    status, code, restarts = "failed", EXIT_FAILED, 0
-    codes: Dict[int, int] = {}
-    group: Optional[Pod] = None
-    tail: Optional[LogTail] = None
-    sync: Optional[RunSync] = None
-    error: Optional[str] = None
+    sup = Supervisor(cfg, plan, run, provider, ledger, first_attempt=_next_attempt(run))
+    status, code, error = "failed", EXIT_FAILED, None
     try:
         t0 = time.time()
         address = provider.up()
+        _record_local_pod(run, provider)
         # Inside a Ray job the job's runtime env (set at submission) already carries PYTHONPATH.
         runtime_env = None if cfg.launcher.in_job else {"env_vars": {"PYTHONPATH": project_pythonpath()}}
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, runtime_env=runtime_env)
         run.event("ray_ready", seconds=round(time.time() - t0, 4), address=address)
-        group = Pod(plan.slices, float(cfg.trainer.host_start_timeout_s))
-        run.event("hosts_placed", hosts=[{k: info[k] for k in ("slice", "worker_id", "ip", "hostname", "node_id")}
-                                         for info in group.infos])
-        _say(f"{len(group.infos)} hosts placed; coordinator {group.coordinator}; logs in {run.file('logs')}")
-        if cfg.launcher.echo:
-            tail = LogTail(run.host_log(0)).start()
-        dirs = HostDirs(cfg, run)
-        if not dirs.shared:
-            sync = RunSync(run.path, group.actors, [dirs.dir(i) for i in range(len(group.actors))])
-        refs = group.start(_trainer_argv(dirs, plan, group.coordinator, attempt=0), _trainer_env(plan, group),
-                           dirs.log, dirs.dir, dirs.files)
-        codes = wait_for_exit(refs, on_poll=sync.pull if sync else None)
-        if any(c != 0 for c in codes.values()):
-            group.stop_all()
-        bad = {i: c for i, c in codes.items() if c != 0}
-        if not bad and len(codes) == len(group.infos):
-            status, code = "completed", EXIT_OK
-        else:
-            first = min(bad)
-            code = EXIT_USER_ERROR if bad[first] == EXIT_USER_ERROR else EXIT_FAILED
-            error = f"host {first} exited with code {bad[first]}; see {run.host_log(first)}"
+        status, code, error = sup.supervise()
     except (HostStartError, ProvisionError) as e:
         error = str(e)
     except (KeyboardInterrupt, Terminated) as e:
         error = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"
-        if group is not None:
-            group.stop_all()
+        sup.stop(graceful=True)
     finally:
-        if sync is not None:
-            sync.pull()
-        if tail is not None:
-            tail.stop()
-        if group is not None:
-            group.close()
+        sup.close()
         try:
             ray.shutdown()
         finally:
@@ -198,18 +177,24 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
             except ProvisionError as e:
                 error = error or f"could not delete the TPU resources: {e}"
                 print(f"error: could not delete the TPU resources: {e}", file=sys.stderr)
+            _forget_local_pod(run)
     result = run.read_json("result.json") or {}
     if status == "completed" and not result:
         status, code, error = "failed", EXIT_FAILED, "host 0 finished without writing result.json"
+    ledger("launch_end", status=status)
+    ledger_summary = goodput.summarize(goodput.read(run.file(GOODPUT_FILE)), time.time())
     summary = {
         "status": status, "run": cfg.run.name, "final_step": result.get("final_step"),
         "final_loss": result.get("final_loss"), "eval": result.get("eval"), "val": result.get("val"),
         "hosts": plan.slice.hosts * plan.num_slices, "num_slices": plan.num_slices, "devices": plan.devices,
         "mesh": plan.mesh,
         "accelerator_type": plan.slice.accelerator_type, "params": result.get("params"),
-        "restarts": restarts, "resumed_from_step": result.get("resumed_from_step"),
-        "params_digest": result.get("params_digest"), "exit_codes": {str(k): v for k, v in codes.items()},
-        "wall_s": round(time.time() - started_at, 3), "launches": int(previous.get("launches", 0)) + 1,
+        "restarts": ledger_summary["restarts"], "lost_steps": ledger_summary["lost_steps"],
+        "goodput": ledger_summary["goodput"], "badput": ledger_summary["badput"],
+        "attempts": ledger_summary["attempts"], "failures": sup.failures,
+        "resumed_from_step": result.get("resumed_from_step"),
+        "params_digest": result.get("params_digest"), "exit_codes": {str(k): v for k, v in sup.codes.items()},
+        "wall_s": round(time.time() - started_at, 3), "launches": sum(1 for r in goodput.read(run.file(GOODPUT_FILE)) if r.get("kind") == "launch"),
         "error": error,
     }
     run.write_json("summary.json", summary)
@@ -218,15 +203,183 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
         ev = summary["eval"] or {}
         _say(f"completed: step {summary['final_step']}, test loss {ev.get('eval_loss', float('nan')):.4f}, "
              f"ppl {ev.get('eval_ppl', float('nan')):.2f}, acc {ev.get('eval_acc', float('nan')):.4f}, "
+             f"goodput {summary['goodput']:.2f}, restarts {summary['restarts'].get('total', 0)}, "
              f"{summary['wall_s']:.1f}s; summary: {run.file('summary.json')}")
     else:
         print(f"error: {error}", file=sys.stderr, flush=True)
-        _print_tail(run, codes)
+        _print_tail(run, sup.codes, sup.blame)
     return code
 
 
-def _print_tail(run: RunDir, codes: Dict[int, int], lines: int = 15) -> None:
-    bad = sorted(i for i, c in codes.items() if c not in (0,))
+def _next_attempt(run: RunDir) -> int:
+    """Attempt numbers go on across launches of the same run (the ledger tells attempts apart by them)."""
+    attempts = [r.get("attempt", -1) for r in goodput.read(run.file(GOODPUT_FILE))
+                if r.get("kind") == "attempt_start"]
+    return max(attempts, default=-1) + 1
+
+
+def _take_over(run: RunDir) -> None:
+    """The run's last supervisor died holding the lock (the kernel released it): say so, record it, and stop
+    the Ray processes of the local pod it left behind (their trainers exit with their dead actors)."""
+    dead = run.taken_over or {}
+    _say(f"the run's previous supervisor (pid {dead.get('pid')} on {dead.get('host')}) died; taking over the "
+         f"run and resuming it")
+    pod = run.read_json("pod.json") or {}
+    killed = []
+    for pid in pod.get("ray_pids", []):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if "ray" in cmd:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+    run.event("lock_taken_over", previous=dead, killed_ray_pids=killed)
+    _forget_local_pod(run)
+
+
+def _record_local_pod(run: RunDir, provider) -> None:
+    """The local pod's Ray processes, so that a launch after this supervisor dies can stop them."""
+    if isinstance(provider, LocalProvider):
+        run.write_json("pod.json", {"supervisor_pid": os.getpid(), "ray_pids": provider.processes()})
+
+
+def _forget_local_pod(run: RunDir) -> None:
+    try:
+        os.remove(run.file("pod.json"))
+    except FileNotFoundError:
+        pass
+
+
+class Supervisor:
+    """Runs attempts until the run completes, fails for good, or its budgets are spent.
+
+    Each attempt: place one trainer per host (or reuse the healthy slice), clean the hosts, start, watch.
+    On a failure: tear down every host at once, classify, check the budget, back off, re-provision if the
+    slice's nodes are gone, and start again from the newest complete checkpoint.
+    """
+
+    def __init__(self, cfg: DictConfig, plan: Plan, run: RunDir, provider, ledger, first_attempt: int = 0):
+        self.cfg, self.plan, self.run, self.provider, self.ledger = cfg, plan, run, provider, ledger
+        self.attempt = first_attempt
+        s = cfg.supervisor
+        self.budget = Budget(s.max_preemptions, s.max_failures, s.backoff_s, s.backoff_max_s)
+        self.group: Optional[Pod] = None
+        self.dirs = HostDirs(cfg, run)
+        self.tail: Optional[LogTail] = None
+        self.sync: Optional[RunSync] = None
+        self.codes: Dict[int, int] = {}
+        self.failures = []
+        self.blame: Optional[int] = None
+
+    def _place(self) -> None:
+        self.group = Pod(self.plan.slices, float(self.cfg.trainer.host_start_timeout_s))
+        self.run.event("hosts_placed", hosts=[{k: info[k] for k in ("slice", "worker_id", "ip", "hostname",
+                                                                     "node_id")} for info in self.group.infos])
+        _say(f"{len(self.group.infos)} hosts placed; logs in {self.run.file('logs')}")
+        if self.cfg.launcher.echo and self.tail is None:
+            self.tail = LogTail(self.run.host_log(0)).start()
+
+    def _heartbeat(self, i: int) -> Optional[dict]:
+        return read_heartbeat(self.run.path, i)
+
+    def supervise(self):
+        plan, cfg = self.plan, self.cfg
+        while True:
+            if self.group is None:
+                self._place()
+            group = self.group
+            coordinator = group.new_coordinator()
+            if not self.dirs.shared:
+                self.sync = RunSync(self.run.path, group.actors, [self.dirs.dir(i) for i in range(len(group.actors))])
+            self.ledger("attempt_start", attempt=self.attempt)
+            self.run.event("attempt_start", attempt=self.attempt, coordinator=coordinator)
+            refs = group.start(_trainer_argv(self.dirs, plan, coordinator, self.attempt), _trainer_env(plan, group),
+                               self.dirs.log, self.dirs.dir, self.dirs.files,
+                               lambda i: os.path.join(self.dirs.dir(i), "hosts", f"host-{i}.json"))
+            watch = Watch(group, refs, self.attempt, self._heartbeat, cfg.watchdog.timeout_s,
+                          cfg.watchdog.startup_timeout_s, on_poll=self.sync.pull if self.sync else None, say=_say)
+            evidence = watch.run()
+            self.codes = dict(evidence.codes)
+            if len(evidence.codes) == len(group.infos) and all(c == 0 for c in evidence.codes.values()):
+                return "completed", EXIT_OK, None
+            detected = time.time()
+            group.stop_all(grace_s=0)  # every host of the slice at once: crashes beat hangs
+            if self.sync is not None:
+                self.sync.pull()
+            evidence.codes.update({i: c for i, c in self._final_codes(refs).items() if i not in evidence.codes})
+            self.codes = dict(evidence.codes)
+            evidence.node_states = self._node_states()
+            failure = classify(evidence)
+            self.blame = failure.host
+            self.failures.append({"attempt": self.attempt, "cause": failure.cause, "detail": failure.detail,
+                                  "host": failure.host, "last_step": watch.max_step, "time": detected})
+            self.ledger("failure", attempt=self.attempt, cause=failure.cause, last_step=watch.max_step,
+                        detail=failure.detail)
+            self.run.event("failure", attempt=self.attempt, cause=failure.cause, detail=failure.detail,
+                           codes={str(k): v for k, v in evidence.codes.items()})
+            refusal = self.budget.allow(failure)
+            if refusal is not None:
+                code = EXIT_USER_ERROR if failure.host is not None and evidence.codes.get(failure.host) == \
+                    EXIT_USER_ERROR else EXIT_FAILED
+                return "failed", code, refusal + (f"; see {self.run.host_log(failure.host)}"
+                                                  if failure.host is not None else "")
+            wait_s = self.budget.backoff(made_progress=self._made_progress())
+            _say(f"attempt {self.attempt} failed ({failure.cause}: {failure.detail}); restarting from the newest "
+                 f"checkpoint in {wait_s:.0f}s")
+            time.sleep(wait_s)
+            if failure.reprovision or not group.healthy():
+                group.close()
+                self.group = None
+                bad = [group.infos[i]["node_id"] for i in evidence.drained_hosts]
+                replaced = self.provider.repair(bad)
+                self.run.event("reprovisioned", replaced=replaced)
+            self.ledger("recovery", attempt=self.attempt, seconds=round(time.time() - detected, 4))
+            self.attempt += 1
+
+    def _final_codes(self, refs) -> Dict[int, int]:
+        codes = {}
+        for i, ref in enumerate(refs):
+            try:
+                codes[i] = int(ray.get(ref, timeout=15))
+            except Exception:  # noqa: BLE001 - a lost host has no exit code
+                codes[i] = HOST_LOST
+        return codes
+
+    def _node_states(self) -> Dict[str, str]:
+        states = getattr(self.provider, "node_states", None)
+        if states is None:
+            return {}
+        try:
+            return states()
+        except Exception:  # noqa: BLE001 - the API unreachable: no evidence from it
+            return {}
+
+    def _made_progress(self) -> bool:
+        steps = [r.get("step") for r in goodput.read(self.run.file(GOODPUT_FILE))
+                 if r.get("kind") == "save" and r.get("attempt") == self.attempt and r.get("step")]
+        return bool(steps)
+
+    def stop(self, graceful: bool) -> None:
+        """Ctrl-C / SIGTERM: the hosts get a preemption notice and stop.supervisor.stop_grace_s to checkpoint."""
+        if self.group is not None:
+            self.group.stop_all(grace_s=float(self.cfg.supervisor.stop_grace_s) if graceful else 0)
+
+    def close(self) -> None:
+        if self.sync is not None:
+            self.sync.pull()
+        if self.tail is not None:
+            self.tail.stop()
+        if self.group is not None:
+            self.group.close()
+
+
+def _print_tail(run: RunDir, codes: Dict[int, int], blame: Optional[int] = None, lines: int = 15) -> None:
+    bad = [blame] if blame is not None else sorted(i for i, c in codes.items() if c not in (0,))
     for i in bad[:1]:
         try:
             with open(run.host_log(i), errors="replace") as f:

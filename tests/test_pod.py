@@ -27,7 +27,12 @@ def test_run_directory_contract(reference):
     run_dir, proc = reference
     summary = read_json(os.path.join(run_dir, "summary.json"))
     assert summary["status"] == "completed"
-    assert summary["final_step"] == 12 and summary["hosts"] == 2 and summary["restarts"] == 0
+    assert summary["final_step"] == 12 and summary["hosts"] == 2
+    assert summary["restarts"] == {"total": 0} and summary["lost_steps"] == 0 and summary["attempts"] == 1
+    assert 0 < summary["goodput"] < 1 and summary["badput"]["wasted_progress"] == 0
+    for host in (0, 1):  # each host's last heartbeat: its pid, its step, and why it exited
+        beat = read_json(os.path.join(run_dir, "hosts", f"host-{host}.json"))
+        assert beat["step"] == 12 and beat["exit"] == {"code": 0, "reason": "done"} and beat["pid"] > 0
     assert summary["resumed_from_step"] is None
     assert len(summary["params_digest"]) == 64 and int(summary["params_digest"], 16) >= 0
     assert summary["wall_s"] > 0 and summary["final_loss"] > 0

@@ -29,6 +29,18 @@ def initialize(coordinator: str, num_processes: int, process_id: int, timeout_s:
     return time.time() - t0
 
 
+def preemption_check():
+    """`check(step) -> bool`, to call after every step on every host. After a preemption notice (SIGTERM) to
+    any host, it returns True on all hosts at the same step (JAX's coordination-service preemption sync point),
+    where they checkpoint and stop."""
+    from jax.experimental import multihost_utils
+
+    def check(step: int) -> bool:
+        return bool(multihost_utils.reached_preemption_sync_point(int(step)))
+
+    return check
+
+
 def watch_parent(poll_s: float = 0.5, exit_code: int = 137) -> None:
     """Exit when the process that started us (the host's Ray actor) dies, so no trainer is orphaned."""
     parent = os.getppid()

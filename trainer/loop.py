@@ -24,8 +24,13 @@ progress = logging.getLogger("trainer.progress")
 
 
 class Loop:
-    def __init__(self, cfg, events: EventLog, start_time: float):
+    def __init__(self, cfg, events: EventLog, start_time: float, heartbeat=None, goodput=None, preempted=None):
+        """heartbeat: trainer.heartbeat.Heartbeat (or None); goodput: a GoodputLog on host 0 (else None);
+        preempted(step) -> bool: True on every host at the one step all hosts agreed to stop at."""
         self.cfg, self.events, self.start_time = cfg, events, start_time
+        self.beat = heartbeat.beat if heartbeat is not None else (lambda **k: None)
+        self.goodput = goodput or (lambda *a, **k: None)
+        self.preempted = preempted or (lambda step: False)
         self.run_dir = cfg.run.dir
         self.host = jax.process_index()
         self.is_host0 = self.host == 0
@@ -52,6 +57,7 @@ class Loop:
 
     def evaluate(self, params, split: str, step: int) -> Dict[str, float]:
         t0 = time.time()
+        self.beat(phase=f"eval-{split}-{step}")
         totals = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
         for local in eval_batches(self.data_path, split, self.batch, self.seq_len, self.shard_index,
                                   self.shard_count, int(self.cfg.trainer.eval_batches), manifest=self.manifest):
@@ -69,6 +75,7 @@ class Loop:
                       result["eval_ppl"], result["eval_acc"])
         if self.is_host0:
             append_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), result)
+        self.goodput("eval", seconds=result["eval_s"], split=split)
         return result
 
     # -- main ---------------------------------------------------------------------------------------------
@@ -79,8 +86,12 @@ class Loop:
                             cfg.checkpoint.get("ocdbt", True), on_event=ev)
         restored = None
         if cfg.checkpoint.resume:
+            self.beat(phase="restore")
+            t_restore = time.time()
             target = abstract_state(self.model, self.tx, self.mesh, self.seq_len, shardings)
             restored = ckpt.restore_latest(target)
+            if restored is not None:
+                self.goodput("restore", step=restored[0], seconds=round(time.time() - t_restore, 4))
         stream = BatchStream(self.data_path, "train", self.batch, self.seq_len, self.shard_index,
                              self.shard_count, int(cfg.trainer.seed), prefetch=int(cfg.data.prefetch),
                              manifest=self.manifest)
@@ -98,12 +109,17 @@ class Loop:
         self.train_step = make_train_step(self.model, self.tx, self.schedule, self.mesh, shardings)
         self.eval_step = make_eval_step(self.model, self.mesh, shardings)
         ev("ready", step=start_step, since_start_s=round(time.time() - self.start_time, 4))
+        self.goodput("start_step", step=start_step)
+        self.beat(step=start_step, phase="compile")
+        ready_time = time.time()
 
         log_every, eval_every, ckpt_every = (int(cfg.trainer.log_every), int(cfg.trainer.eval_every),
                                              int(cfg.checkpoint.every))
         metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
         final_loss: Optional[float] = None
         mark_time, mark_step, data_wait = time.time(), start_step, 0.0
+        excluded = 0.0  # eval and save time since the mark: not step time
+        preempted_at: Optional[int] = None
         try:
             for step in range(start_step, self.steps):
                 t_data = time.time()
@@ -111,8 +127,10 @@ class Loop:
                 data_wait += time.time() - t_data
                 state, metrics = self.train_step(state, batch)
                 done = step + 1
+                self.beat(step=done, phase="train")
                 first = step == start_step
-                if first or done % log_every == 0 or done == self.steps:
+                preempt = self.preempted(done)
+                if first or done % log_every == 0 or done == self.steps or preempt:
                     loss = float(metrics["loss"])  # blocks until the step is finished
                     now = time.time()
                     n = done - mark_step
@@ -124,6 +142,11 @@ class Loop:
                     if first:
                         record["includes_compile"] = True
                         ev("first_step", step=done, since_start_s=round(now - self.start_time, 4))
+                        self.goodput("startup", seconds=round(now - ready_time, 4), step=done)
+                    else:
+                        self.goodput("steps", **{"from": mark_step, "to": done,
+                                                 "seconds": round(now - mark_time - excluded, 4),
+                                                 "data_wait_s": round(data_wait, 4)})
                     if not math.isfinite(loss):
                         raise FloatingPointError(f"loss is {loss} at step {done}; lower optimizer.lr")
                     final_loss = loss
@@ -131,15 +154,39 @@ class Loop:
                         append_jsonl(metrics_path, record)
                     progress.info("step %d/%d | loss %.4f | lr %.2e | %.0f tok/s | step %.3fs", done, self.steps,
                                   loss, record["lr"], record["tokens_per_s"], step_time)
-                    mark_time, mark_step, data_wait = time.time(), done, 0.0
+                    mark_time, mark_step, data_wait, excluded = time.time(), done, 0.0, 0.0
+                if preempt:
+                    preempted_at = done
+                    break
                 if eval_every > 0 and done % eval_every == 0 and done != self.steps:
+                    t_eval = time.time()
                     self.evaluate(state["params"], "val", done)
+                    excluded += time.time() - t_eval
+                    self.beat(phase="train")
                 if done % ckpt_every == 0 or done == self.steps:
-                    ckpt.save(done, state, stream.state())
+                    t_save = time.time()
+                    self.beat(phase=f"save-{done}")
+                    blocked = ckpt.save(done, state, stream.state())
+                    self.goodput("save", step=done, blocking_s=round(blocked, 4))
+                    excluded += time.time() - t_save
+                    self.beat(phase="train")
                 ckpt.check_errors()
+            if preempted_at is not None:
+                # All hosts agreed on this step after a preemption notice: save exactly here, then stop.
+                self.beat(phase=f"save-{preempted_at}")
+                blocked = ckpt.save(preempted_at, state, stream.state())
+                self.goodput("save", step=preempted_at, blocking_s=round(blocked, 4))
+            t_wait = time.time()
+            self.beat(phase="save-wait")
             ckpt.wait()
+            self.goodput("save", step=None, blocking_s=round(time.time() - t_wait, 4))
         finally:
             stream.close()
+        if preempted_at is not None:
+            ev("preempted", step=preempted_at)
+            self.goodput("end", step=preempted_at, preempted=True)
+            ckpt.close()
+            return {"preempted": True, "final_step": preempted_at}
         final_step = int(state["step"])
         if final_step != self.steps:
             log.warning("checkpoint is at step %d, beyond trainer.steps=%d: nothing to train", final_step,
@@ -148,6 +195,7 @@ class Loop:
         val = self.evaluate(state["params"], "val", final_step)
         digest = params_digest(state["params"])
         ckpt.close()
+        self.goodput("end", step=final_step)
         return {"final_step": final_step, "final_loss": final_loss, "eval": test, "val": val,
                 "params_digest": digest, "params": n_params,
                 "resumed_from_step": restored[0] if restored is not None else None,

@@ -1,15 +1,19 @@
 """Per-host trainer entry: `python -m trainer.main --config RUN_DIR/config.yaml --process-id I ...`.
 
 Started by the launcher's host actor, one per host. Exit codes: 0 done, 2 user error (bad data or
-checkpoint: fix and relaunch), 1 any other failure.
+checkpoint: fix and relaunch), 42 restartable (a preemption notice was honoured with a checkpoint at the step
+all hosts agreed on, or jax.distributed could not be joined), 1 any other failure. SIGUSR1 dumps every
+thread's stack into the host's log (the supervisor's watchdog sends it to a host that stopped making progress).
 """
 import argparse
+import faulthandler
 import logging
 import os
+import signal
 import sys
 import time
 
-EXIT_OK, EXIT_FAILED, EXIT_USER_ERROR = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USER_ERROR, EXIT_RESTARTABLE = 0, 1, 2, 42
 
 
 def _parse(argv):
@@ -43,6 +47,8 @@ def main(argv=None) -> int:
     start = time.time()
     args = _parse(argv if argv is not None else sys.argv[1:])
     _setup_logging(args.process_id)
+    faulthandler.enable(all_threads=True)
+    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
     from trainer import distributed
 
     distributed.watch_parent()
@@ -52,28 +58,53 @@ def main(argv=None) -> int:
 
     cfg = OmegaConf.load(args.config)
     from trainer.events import EventLog
+    from trainer.goodput import GoodputLog
+    from trainer.heartbeat import Heartbeat
 
+    heartbeat = Heartbeat(cfg.run.dir, args.process_id, args.attempt,
+                          float(cfg.get("watchdog", {}).get("heartbeat_s", 1.0))).start()
     events = EventLog(cfg.run.dir, args.process_id, args.attempt)
+    goodput = GoodputLog(cfg.run.dir, args.attempt) if args.process_id == 0 else None
     events("process_start", pid=os.getpid(),
            megascale={k: v for k, v in sorted(os.environ.items()) if k.startswith("MEGASCALE_")})
-    init_s = distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                                    int(cfg.trainer.init_timeout_s))
+    try:
+        init_s = distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                        int(cfg.trainer.init_timeout_s))
+    except Exception as e:  # noqa: BLE001 - a timeout or an unreachable coordinator: restart the slice
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        logging.getLogger("trainer").error("could not join jax.distributed at %s: %s", args.coordinator, first)
+        events("error", kind="init", message=first)
+        heartbeat.finish(EXIT_RESTARTABLE, "init_failed")
+        return EXIT_RESTARTABLE
     events("distributed_ready", seconds=round(init_s, 4))
+    if goodput is not None:
+        goodput("init", seconds=round(time.time() - start, 4))
 
     from trainer.checkpoint import CheckpointError
     from trainer.data import DataError
     from trainer.loop import Loop, write_result
 
     try:
-        result = Loop(cfg, events, start).run()
+        result = Loop(cfg, events, start, heartbeat, goodput, distributed.preemption_check()).run()
     except (CheckpointError, DataError) as e:
         logging.getLogger("trainer").error("%s", e)
         events("error", kind="user", message=str(e))
+        heartbeat.finish(EXIT_USER_ERROR, "user_error")
         return EXIT_USER_ERROR
+    except BaseException:
+        heartbeat.finish(EXIT_FAILED, "exception")
+        raise
+    if result.get("preempted"):
+        logging.getLogger("trainer.progress").info(
+            "preemption notice: all hosts stopped at step %d with a checkpoint there; exiting to be restarted",
+            result["final_step"])
+        heartbeat.finish(EXIT_RESTARTABLE, "preemption")
+        return EXIT_RESTARTABLE
     if args.process_id == 0:
         result["attempt"] = args.attempt
         write_result(cfg.run.dir, result)
     events("done", step=result["final_step"])
+    heartbeat.finish(EXIT_OK, "done")
     try:
         import jax
 

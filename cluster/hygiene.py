@@ -1,0 +1,104 @@
+"""Host hygiene before every trainer start: no trainer left over from an earlier attempt, no stale TPU lock.
+
+A trainer that outlived its attempt (its supervisor or actor died, it was stopped with SIGSTOP, ...) would
+write checkpoints and hold the TPU while the next attempt starts. Its pid is in the host's heartbeat file
+(trainer/heartbeat.py); it is killed only if that pid still runs `trainer.main` (pids are reused). On a TPU
+VM, processes holding the TPU devices are killed and libtpu's lockfile is removed once nothing holds them,
+as other launchers' startup scripts do.
+"""
+import glob
+import json
+import os
+import signal
+import time
+from typing import List, Optional
+
+LIBTPU_LOCKFILE = "/tmp/libtpu_lockfile"
+TPU_DEVICE_GLOBS = ("/dev/accel*", "/dev/vfio/[0-9]*")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _kill(pid: int, wait_s: float = 5.0) -> bool:
+    """SIGKILL pid's process group (trainers lead their own session) or, failing that, pid itself."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return False
+    deadline = time.time() + wait_s
+    while time.time() < deadline and _cmdline(pid) and not _is_zombie(pid):
+        time.sleep(0.05)
+    return True
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def leftover_trainer(heartbeat_file: str) -> Optional[int]:
+    """The pid in a heartbeat file, if that process is alive and is a trainer."""
+    try:
+        with open(heartbeat_file) as f:
+            pid = int(json.load(f).get("pid") or 0)
+    except (OSError, ValueError, json.JSONDecodeError, AttributeError):
+        return None
+    if pid <= 0 or pid == os.getpid() or _is_zombie(pid):
+        return None
+    return pid if "trainer.main" in _cmdline(pid) else None
+
+
+def _tpu_holders(devices: List[str]) -> List[int]:
+    holders = []
+    for fd_dir in glob.glob("/proc/[0-9]*/fd"):
+        pid = int(fd_dir.split("/")[2])
+        if pid == os.getpid():
+            continue
+        try:
+            targets = {os.readlink(os.path.join(fd_dir, fd)) for fd in os.listdir(fd_dir)}
+        except OSError:
+            continue
+        if targets & set(devices):
+            holders.append(pid)
+    return holders
+
+
+def clean_host(heartbeat_file: Optional[str] = None, lockfile: str = LIBTPU_LOCKFILE,
+               devices: Optional[List[str]] = None) -> List[str]:
+    """Make the host ready for a trainer; returns what was done, one line per action.
+
+    `devices`: the TPU device files (default: those present). A host without any (a local CPU host) has no
+    TPU to free, and its libtpu lockfile, if any, belongs to someone else (e.g. a pre-flight compile).
+    """
+    actions = []
+    if heartbeat_file:
+        pid = leftover_trainer(heartbeat_file)
+        if pid is not None and _kill(pid):
+            actions.append(f"killed leftover trainer pid {pid}")
+    if devices is None:
+        devices = [d for pattern in TPU_DEVICE_GLOBS for d in glob.glob(pattern)]
+    if not devices:
+        return actions
+    for pid in _tpu_holders(devices):
+        desc = _cmdline(pid)[:80]
+        if _kill(pid):
+            actions.append(f"killed pid {pid} holding the TPU ({desc})")
+    if os.path.exists(lockfile) and not _tpu_holders(devices):
+        try:
+            os.remove(lockfile)
+            actions.append(f"removed stale {lockfile}")
+        except OSError:
+            pass
+    return actions

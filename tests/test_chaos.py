@@ -1,0 +1,109 @@
+"""Chaos tests on the local pod (2 hosts): real processes killed, stopped and preempted mid-run.
+
+Each run must end `status: completed` with a `params_digest` equal to an uninterrupted reference run.
+"""
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from chaos import Chaos
+from podutil import TINY, explain, launch, read_json, read_jsonl
+
+pytestmark = pytest.mark.integration
+
+RUN = [*TINY, "trainer.steps=40", "optimizer.decay_steps=40", "optimizer.warmup_steps=4", "checkpoint.every=5",
+       "trainer.eval_every=10"]
+FAST = ["watchdog.heartbeat_s=0.1", "supervisor.backoff_s=0.2", "supervisor.max_failures=5"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus_cache):
+    run_dir = str(tmp_path_factory.mktemp("chaos") / "ref")
+    proc = launch("run.name=ref", f"run.dir={run_dir}", *RUN)
+    assert proc.returncode == 0, explain(proc)
+    return read_json(os.path.join(run_dir, "summary.json"))
+
+
+def _summary(chaos: Chaos, code: int) -> dict:
+    assert code == 0, chaos.output()[-5000:]
+    summary = read_json(os.path.join(chaos.run_dir, "summary.json"))
+    assert summary["status"] == "completed" and summary["final_step"] == 40, summary
+    return summary
+
+
+def _failures(run_dir):
+    return [r for r in read_jsonl(os.path.join(run_dir, "goodput.jsonl")) if r["kind"] == "failure"]
+
+
+def test_sigkill_random_hosts_several_times(tmp_path, reference):
+    rng = random.Random(int(os.environ.get("CHAOS_SEED", "4")))
+    run_dir = str(tmp_path / "kill")
+    chaos = Chaos(run_dir, "run.name=kill", f"run.dir={run_dir}", *RUN, *FAST)
+    first = rng.randint(3, 12)
+    chaos.signal_host(rng.randint(0, 1), signal.SIGKILL, attempt=0, step=first)
+    # the second kill lands while a checkpoint is being saved
+    chaos.signal_host(rng.randint(0, 1), signal.SIGKILL, attempt=1, phase="save-")
+    chaos.signal_host(rng.randint(0, 1), signal.SIGKILL, attempt=2, step=rng.randint(first + 8, 34))
+    summary = _summary(chaos, chaos.finish())
+    assert summary["params_digest"] == reference["params_digest"]
+    assert summary["restarts"] == {"crash": 3, "total": 3}, summary["restarts"]
+    assert [f["cause"] for f in summary["failures"]] == ["crash"] * 3
+    assert summary["attempts"] == 4 and summary["goodput"] > 0
+    out = chaos.output()
+    assert out.count("restarting from the newest checkpoint") == 3
+    assert "killed by signal 9" in out
+
+
+def test_sigterm_is_a_preemption_notice_with_no_lost_steps(tmp_path, reference):
+    run_dir = str(tmp_path / "term")
+    chaos = Chaos(run_dir, "run.name=term", f"run.dir={run_dir}", *RUN, *FAST)
+    chaos.signal_host(1, signal.SIGTERM, attempt=0, step=13)
+    summary = _summary(chaos, chaos.finish())
+    assert summary["params_digest"] == reference["params_digest"]
+    assert summary["restarts"] == {"preemption": 1, "total": 1} and summary["lost_steps"] == 0
+    events = read_jsonl(os.path.join(run_dir, "events.jsonl"))
+    agreed = {e["step"] for e in events if e["event"] == "preempted"}
+    assert len(agreed) == 1, agreed  # both hosts stopped at the same step
+    step = agreed.pop()
+    assert step >= 13
+    restores = [e for e in events if e["event"] == "restore" and e["attempt"] == 1]
+    assert restores and all(e["step"] == step for e in restores)
+    assert summary["resumed_from_step"] == step
+
+
+def test_sigstop_hang_is_caught_by_the_watchdog(tmp_path, reference):
+    run_dir = str(tmp_path / "stop")
+    chaos = Chaos(run_dir, "run.name=stop", f"run.dir={run_dir}", *RUN, *FAST, "watchdog.timeout_s=6")
+    beat = chaos.signal_host(1, signal.SIGSTOP, attempt=0, step=12)
+    summary = _summary(chaos, chaos.finish())
+    assert summary["params_digest"] == reference["params_digest"]
+    assert summary["restarts"] == {"hang": 1, "total": 1}
+    assert "watchdog: no progress on host(s)" in chaos.output()
+    # host 0, stuck in a collective waiting for host 1, dumped its stacks into its log
+    log0 = open(os.path.join(run_dir, "logs", "host-0.log")).read()
+    assert "most recent call first" in log0
+    with pytest.raises(ProcessLookupError):  # the stopped process was killed, not left behind
+        for _ in range(50):
+            os.kill(beat["pid"], 0)
+            time.sleep(0.1)
+
+
+def test_supervisor_killed_and_command_typed_again(tmp_path, reference):
+    run_dir = str(tmp_path / "sup")
+    args = ("run.name=sup", f"run.dir={run_dir}", *RUN, *FAST)
+    chaos = Chaos(run_dir, *args)
+    chaos.until(attempt=0, step=12)
+    chaos.proc.kill()
+    chaos.proc.wait()
+    again = Chaos(run_dir, *args)
+    summary = _summary(again, again.finish())
+    assert summary["params_digest"] == reference["params_digest"]
+    assert "previous supervisor" in again.output() and "taking over" in again.output()
+    assert summary["launches"] == 2
+    assert summary["restarts"].get("supervisor_lost") == 1
+    events = read_jsonl(os.path.join(run_dir, "events.jsonl"))
+    assert any(e["event"] == "lock_taken_over" for e in events)
+    assert summary["resumed_from_step"] >= 5

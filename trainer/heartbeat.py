@@ -1,0 +1,78 @@
+"""Per-host heartbeat: `${run.dir}/hosts/host-<i>.json` with pid, step, phase and times, for the watchdog.
+
+A background thread rewrites the file every `interval_s` (atomically), so a frozen process (SIGSTOP, a
+deadlocked runtime) shows as a stale `time`, and a live process whose main loop is stuck (a hung collective)
+shows as a stale `progress_time`: the time `step` or `phase` last changed. The supervisor reads these files
+and restarts the slice when a host stops making progress (launcher/watch.py).
+"""
+import json
+import os
+import threading
+import time
+from typing import Optional
+
+
+def heartbeat_path(run_dir: str, host: int) -> str:
+    return os.path.join(run_dir, "hosts", f"host-{host}.json")
+
+
+class Heartbeat:
+    def __init__(self, run_dir: str, host: int, attempt: int, interval_s: float = 1.0):
+        self.path = heartbeat_path(run_dir, host)
+        self.interval_s = float(interval_s)
+        self._lock = threading.Lock()
+        now = time.time()
+        self._state = {"pid": os.getpid(), "host": host, "attempt": attempt, "step": None, "phase": "init",
+                       "started": now, "progress_time": now, "time": now, "exit": None}
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> "Heartbeat":
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self._write()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def beat(self, step: Optional[int] = None, phase: Optional[str] = None) -> None:
+        """Record progress (cheap: called every step). Only a change of step or phase counts as progress."""
+        with self._lock:
+            changed = False
+            if step is not None and step != self._state["step"]:
+                self._state["step"], changed = int(step), True
+            if phase is not None and phase != self._state["phase"]:
+                self._state["phase"], changed = phase, True
+            if changed:
+                self._state["progress_time"] = time.time()
+
+    def finish(self, code: int, reason: str) -> None:
+        """Write the exit code and its reason (e.g. 42 'preemption') before the process exits."""
+        with self._lock:
+            self._state["exit"] = {"code": int(code), "reason": reason}
+            self._state["phase"] = "exited"
+        self._stop.set()
+        self._write()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._write()
+
+    def _write(self) -> None:
+        with self._lock:
+            self._state["time"] = time.time()
+            data = json.dumps(self._state, sort_keys=True)
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                f.write(data)
+            os.replace(tmp, self.path)
+        except OSError:  # a full or vanished run dir must not kill training; the watchdog will notice
+            pass
+
+
+def read_heartbeat(run_dir: str, host: int) -> Optional[dict]:
+    try:
+        with open(heartbeat_path(run_dir, host)) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError, OSError):
+        return None
