@@ -18,6 +18,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.hygiene import clean_host
 from cluster.local import CPU_DEVICES_ENV
+from cluster.maintenance import GCE_METADATA_URL, METADATA_URL_ENV, MaintenanceWatch
 from cluster.slice import SliceSpec
 from launcher.runsync import APPENDED, WHOLE, read_new
 
@@ -103,8 +104,26 @@ class HostActor:
             self.proc = subprocess.Popen([sys.executable, *argv], env=full_env, cwd=cwd, stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
-            code = self.proc.wait()
+            watch = self._watch_maintenance(log, cpu_devices)
+            try:
+                code = self.proc.wait()
+            finally:
+                if watch is not None:
+                    watch.stop()
         return 128 - code if code < 0 else code
+
+    def _watch_maintenance(self, log, stand_in: Optional[str]) -> Optional[MaintenanceWatch]:
+        """On a TPU VM (or wherever LAUNCHER_METADATA_URL points), a GCE maintenance or preemption notice
+        becomes SIGTERM to the trainer: the preemption notice all hosts honour at one agreed step."""
+        url = os.environ.get(METADATA_URL_ENV) or (None if stand_in else GCE_METADATA_URL)
+        if not url:
+            return None
+
+        def notice(what: str) -> None:
+            log.write(f"[host] GCE notice: {what}; sending the trainer SIGTERM (checkpoint and restart)\n".encode())
+            self.signal(signal.SIGTERM)
+
+        return MaintenanceWatch(url, notice).start()
 
     def signal(self, signum: int) -> bool:
         """Send a signal to the trainer's process group (SIGTERM: preemption notice; SIGUSR1: stack dump)."""

@@ -14,6 +14,15 @@ from launcher.errors import UserError
 from trainer.events import append_jsonl
 
 
+class RunLive(UserError):
+    """The run's lock is held by a live supervisor: follow that launch instead of starting a second one."""
+
+    def __init__(self, holder: str):
+        super().__init__("run.name", f"a launch of this run is already live ({holder or 'unknown holder'})",
+                         "wait for it to finish, or choose another run.name")
+        self.holder = holder
+
+
 class RunDir:
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
@@ -39,8 +48,7 @@ class RunDir:
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
             os.close(fd)
-            raise UserError("run.name", f"a launch of this run is already live ({holder or 'unknown holder'})",
-                            "wait for it to finish, or choose another run.name") from None
+            raise RunLive(holder) from None
         stale = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         try:
             self.taken_over = json.loads(stale) if stale else None  # a holder that died without releasing
@@ -50,6 +58,21 @@ class RunDir:
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                   "since": time.time()}).encode(), 0)
         self._lock_fd = fd
+
+    def is_locked(self) -> bool:
+        """Whether a live process holds the run lock (without taking it)."""
+        try:
+            fd = os.open(self.file("lock"), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         if self._lock_fd is not None:

@@ -25,7 +25,8 @@ from launcher.hosts import HostStartError, Pod
 from launcher.logtail import LogTail
 from launcher.runsync import RunSync
 from launcher.stage import stage_for_cloud
-from launcher.rundir import RunDir
+from launcher.follow import follow
+from launcher.rundir import RunDir, RunLive
 from launcher.validate import Plan
 from launcher.watch import Watch
 from trainer.goodput import FILENAME as GOODPUT_FILE, GoodputLog
@@ -127,7 +128,10 @@ def _on_sigterm(signum, frame):
 
 def launch(cfg: DictConfig, plan: Plan, started_at: float) -> int:
     run = RunDir(cfg.run.dir)
-    run.acquire()
+    try:
+        run.acquire()
+    except RunLive as live:
+        return follow(run, live.holder)
     if run.taken_over:
         _take_over(run)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -195,7 +199,7 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
         "resumed_from_step": result.get("resumed_from_step"),
         "params_digest": result.get("params_digest"), "exit_codes": {str(k): v for k, v in sup.codes.items()},
         "wall_s": round(time.time() - started_at, 3), "launches": sum(1 for r in goodput.read(run.file(GOODPUT_FILE)) if r.get("kind") == "launch"),
-        "error": error,
+        "error": error, "exit_code": code,
     }
     run.write_json("summary.json", summary)
     run.event("command_end", status=status, wall_s=summary["wall_s"])

@@ -107,3 +107,53 @@ def test_supervisor_killed_and_command_typed_again(tmp_path, reference):
     events = read_jsonl(os.path.join(run_dir, "events.jsonl"))
     assert any(e["event"] == "lock_taken_over" for e in events)
     assert summary["resumed_from_step"] >= 5
+
+
+def test_ray_drain_for_preemption_is_a_notice(tmp_path, reference):
+    """A Ray drain of a host's node for preemption (what Ray's autoscaler does before a VM goes): the
+    supervisor sends that host the notice, all hosts checkpoint at one step, and the host is replaced."""
+    import subprocess
+    import sys
+
+    run_dir = str(tmp_path / "drain")
+    chaos = Chaos(run_dir, "run.name=drain", f"run.dir={run_dir}", *RUN, *FAST)
+    chaos.until(attempt=0, step=8, host=1)
+    events = read_jsonl(os.path.join(run_dir, "events.jsonl"))
+    address = next(e["address"] for e in events if e["event"] == "ray_ready")
+    placed = next(e["hosts"] for e in events if e["event"] == "hosts_placed")
+    node = next(h["node_id"] for h in placed if h["worker_id"] == 1)
+    drain = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "drain-node",
+                            f"--address={address}", f"--node-id={node}",
+                            "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=spot VM reclaimed",
+                            "--deadline-remaining-seconds=60"], capture_output=True, text=True, timeout=60)
+    assert drain.returncode == 0, drain.stderr
+    summary = _summary(chaos, chaos.finish())
+    assert summary["params_digest"] == reference["params_digest"]
+    assert summary["restarts"] == {"preemption": 1, "total": 1} and summary["lost_steps"] == 0
+    assert "drained for preemption" in summary["failures"][0]["detail"]
+    events = read_jsonl(os.path.join(run_dir, "events.jsonl"))
+    assert len({e["step"] for e in events if e["event"] == "preempted"}) == 1
+    replaced = [e for e in events if e["event"] == "reprovisioned"]
+    assert replaced and replaced[0]["replaced"] == [node]
+    placed_again = [e["hosts"] for e in events if e["event"] == "hosts_placed"][-1]
+    assert node not in {h["node_id"] for h in placed_again}
+
+
+def test_gce_maintenance_event_is_a_notice(tmp_path, reference):
+    """The metadata server announces host maintenance: the host actors send their trainers SIGTERM; the
+    hosts checkpoint at one step and the run resumes with no step lost."""
+    from metadata_server import MetadataServer
+
+    run_dir = str(tmp_path / "maint")
+    with MetadataServer() as md:
+        chaos = Chaos(run_dir, "run.name=maint", f"run.dir={run_dir}", *RUN, *FAST,
+                      env={"LAUNCHER_METADATA_URL": md.url})
+        chaos.until(attempt=0, step=10)
+        md.values["maintenance-event"] = "TERMINATE_ON_HOST_MAINTENANCE"
+        chaos.until(attempt=1, step=1)
+        md.values["maintenance-event"] = "NONE"  # the maintenance is over
+        summary = _summary(chaos, chaos.finish())
+    assert summary["params_digest"] == reference["params_digest"]
+    assert summary["restarts"] == {"preemption": 1, "total": 1} and summary["lost_steps"] == 0
+    assert "GCE notice: maintenance-event TERMINATE_ON_HOST_MAINTENANCE" in open(
+        os.path.join(run_dir, "logs", "host-0.log")).read()

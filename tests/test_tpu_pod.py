@@ -259,3 +259,45 @@ def test_cloud_run_creates_and_deletes_its_ray_head_vm(gcs_emulator, tmp_path, c
         compute.stop()
         if "head" in state:
             state["head"].shutdown()
+
+
+def test_preempted_tpu_node_is_reprovisioned_and_the_run_resumes_exactly(tpu_cloud, tmp_path, corpus_cache,
+                                                                         gcs_emulator):
+    """Chaos: the TPU API marks the node PREEMPTED mid-run and its host dies with it. The supervisor sees the
+    node state, deletes the preempted resource, provisions a new one, and resumes from the bucket's newest
+    checkpoint; the parameters end equal to an uninterrupted run on the same topology."""
+    cluster, server, hosts = tpu_cloud
+    server.on_preempt = hosts.on_delete  # a preempted VM's host goes away with it
+    common = [*TINY, "trainer.steps=40", "optimizer.decay_steps=40", "checkpoint.every=4", "checkpoint.ocdbt=false"]
+    ref = launch("+cluster=v4-8", "cluster.provider=local", "run.name=pre-ref", f"run.dir={tmp_path / 'ref'}",
+                 *common)
+    assert ref.returncode == 0, explain(ref)
+    run_dir = tmp_path / "pre"
+    cli = Cli(hosts, "+cluster=v4-8", "run.name=pre", f"run.dir={run_dir}", *common,
+              "cluster.project=test-project", f"cluster.tpu_api_endpoint={server.url}",
+              f"ray.address={cluster.address}", f"ray.dashboard_port={cluster.dashboard_port}",
+              f"cluster.bucket=gs://{gcs_emulator.bucket}/pre", f"cluster.host_run_root={tmp_path}/vm-disks",
+              "launcher.preflight=false", "supervisor.backoff_s=0.2", "watchdog.heartbeat_s=0.2")
+
+    def reached(step):
+        try:
+            beat = read_json(run_dir / "hosts" / "host-0.json")
+        except (FileNotFoundError, ValueError):
+            return False
+        return beat.get("attempt") == 0 and (beat.get("step") or 0) >= step and not beat.get("exit")
+
+    assert cli.pump_until(lambda: reached(6) or cli.proc.poll() is not None, timeout=300), "never reached step 6"
+    assert cli.proc.poll() is None, "the run ended before it could be preempted"
+    node = next(iter(server.nodes))
+    server.preempt(node)
+    proc = cli.finish(timeout=600)
+    assert proc.returncode == 0, explain(proc) + f"\nboot errors: {hosts.errors}"
+    summary = read_json(run_dir / "summary.json")
+    reference = read_json(tmp_path / "ref" / "summary.json")
+    assert summary["status"] == "completed" and summary["final_step"] == 40
+    assert summary["params_digest"] == reference["params_digest"]
+    assert summary["restarts"] == {"preemption": 1, "total": 1}
+    assert "PREEMPTED" in summary["failures"][0]["detail"]
+    assert summary["resumed_from_step"] >= 4
+    assert server.count("POST", "queuedResources") == 2  # provisioned again after the preemption
+    assert not server.queued_resources and not hosts.nodes  # and everything deleted at the end
