@@ -66,3 +66,45 @@ def tpu_slice_cluster():
         yield address, spec.name
     finally:
         provider.down()
+
+
+@pytest.fixture(scope="session")
+def gcs_fault_proxy(gcs_emulator):
+    """A fault-injecting proxy (tests/gcs_fault_proxy.py) in front of the session's GCS emulator."""
+    from gcs_fault_proxy import GCSFaultProxy
+
+    proxy = GCSFaultProxy(gcs_emulator.url, fault_rate=0.0, seed=0)
+    proxy.start()
+    proxy.bucket = gcs_emulator.bucket
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+@pytest.fixture
+def gcs_faulty(gcs_fault_proxy, monkeypatch):
+    """GCS through the fault-injecting proxy for one test: clients in this process and in subprocesses
+    (STORAGE_EMULATOR_HOST, TENSORSTORE_GCS_HTTP_URL) talk to the proxy. Starts with no faults and zeroed
+    counts; the test turns faults on with `gcs_faulty.set_faults(rate)` and reads `gcs_faulty.counts`.
+    """
+    proxy = gcs_fault_proxy
+    proxy.set_faults(0.0, kinds=("503", "429", "reset"), seed=0)
+    proxy.delay_s = 5.0
+    proxy.reset_counts()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+    monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", proxy.url)
+    _clear_gcsfs_cache()  # gcsfs caches filesystems (and their endpoint) per process
+    try:
+        yield proxy
+    finally:
+        proxy.set_faults(0.0)
+        _clear_gcsfs_cache()
+
+
+def _clear_gcsfs_cache():
+    try:
+        import gcsfs
+    except ImportError:  # pragma: no cover
+        return
+    gcsfs.GCSFileSystem.clear_instance_cache()
