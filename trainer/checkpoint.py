@@ -122,9 +122,9 @@ class Checkpointer:
 
 def _move(src: str, dst: str) -> None:
     if src.startswith("gs://"):
-        import gcsfs
+        from trainer.data.storage import move_tree  # each GCS request retried on transient errors
 
-        gcsfs.GCSFileSystem().mv(src, dst, recursive=True)
+        move_tree(src, dst)
     else:
         import os
 

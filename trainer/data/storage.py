@@ -9,8 +9,12 @@ import threading
 import time
 
 GCS_SCHEME = "gs://"
-RETRIES = 4  # attempts after the first one
+# Every GCS request of ours is retried on transient errors (see `_is_transient`): up to RETRIES more attempts,
+# waiting BACKOFF_S * 2**attempt * (1 + jitter in [0, 1)), at most MAX_BACKOFF_S, in between (about 1 min in all).
+RETRIES = 8
 BACKOFF_S = 0.25
+MAX_BACKOFF_S = 16.0
+TIMEOUT_S = 60.0  # per HTTP request (connect and each read); a request that hangs longer is retried
 
 
 def is_gcs(path: str) -> bool:
@@ -106,32 +110,49 @@ def gcs_client():
 
 
 def _is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying: HTTP 408, 429, 500, 502, 503, 504, connection errors (refused, reset,
+    closed mid-response), timeouts, and a download whose checksum did not match (a truncated body)."""
     from google.api_core import exceptions as gexc
 
-    if isinstance(exc, (gexc.ServiceUnavailable, gexc.TooManyRequests, gexc.InternalServerError,
-                        gexc.BadGateway, gexc.GatewayTimeout, gexc.DeadlineExceeded)):
-        return True
-    if isinstance(exc, (ConnectionError, TimeoutError)):  # includes ConnectionResetError
+    if isinstance(exc, gexc.GoogleAPICallError):
+        return exc.code in (408, 429, 500, 502, 503, 504)
+    if isinstance(exc, (ConnectionError, TimeoutError)):  # includes ConnectionResetError, RemoteDisconnected
         return True
     try:
-        import requests
+        from google.cloud.storage.exceptions import DataCorruption
+        from google.cloud.storage.retry import _should_retry  # the client's own list of transient errors
 
-        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                            requests.exceptions.ChunkedEncodingError)):
+        if isinstance(exc, DataCorruption) or _should_retry(exc):
             return True
     except ImportError:  # pragma: no cover
         pass
+    import http.client
+
+    import requests
+
+    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                        requests.exceptions.ChunkedEncodingError, http.client.IncompleteRead,
+                        http.client.BadStatusLine)):
+        return True
+    from google.auth import exceptions as auth_exc
+
+    if isinstance(exc, auth_exc.TransportError):  # token refresh could not reach the metadata server
+        return True
     return False
 
 
 def _retry(fn, *args, **kwargs):
+    """fn(*args, **kwargs), retried with exponential backoff while it fails with a transient error.
+
+    The client's own retries are turned off where we call it (retry=None), so this is the one policy.
+    """
     for attempt in range(RETRIES + 1):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - filtered by _is_transient
             if attempt == RETRIES or not _is_transient(exc):
                 raise
-            time.sleep(BACKOFF_S * (2 ** attempt) * (1 + random.random()))
+            time.sleep(min(BACKOFF_S * (2 ** attempt) * (1 + random.random()), MAX_BACKOFF_S))
 
 
 def _not_found(exc: BaseException) -> bool:
@@ -155,20 +176,21 @@ class GCSStore:
         return gcs_client().bucket(self.bucket_name).blob(self._key(name))
 
     def exists(self, name: str) -> bool:
-        return bool(_retry(self._blob(name).exists))
+        return bool(_retry(lambda: self._blob(name).exists(retry=None, timeout=TIMEOUT_S)))
 
     def list(self) -> list[str]:
         start = f"{self.prefix}/" if self.prefix else ""
 
-        def _list():
-            blobs = gcs_client().list_blobs(self.bucket_name, prefix=start, delimiter="/")
+        def _list():  # all pages in one attempt: a failed page lists again from the start
+            blobs = gcs_client().list_blobs(self.bucket_name, prefix=start, delimiter="/",
+                                            retry=None, timeout=TIMEOUT_S)
             return [b.name[len(start):] for b in blobs]
 
         return sorted(n for n in _retry(_list) if n)
 
     def read_bytes(self, name: str) -> bytes:
         try:
-            return _retry(self._blob(name).download_as_bytes)
+            return _retry(lambda: self._blob(name).download_as_bytes(retry=None, timeout=TIMEOUT_S))
         except Exception as exc:
             if _not_found(exc):
                 raise FileNotFoundError(f"{self.url}/{name}") from exc
@@ -179,7 +201,8 @@ class GCSStore:
         if end <= start:
             return b""
         try:
-            data = _retry(self._blob(name).download_as_bytes, start=start, end=end - 1)
+            data = _retry(lambda: self._blob(name).download_as_bytes(start=start, end=end - 1, retry=None,
+                                                                     timeout=TIMEOUT_S))
         except Exception as exc:
             if _not_found(exc):
                 raise FileNotFoundError(f"{self.url}/{name}") from exc
@@ -187,10 +210,58 @@ class GCSStore:
         return data
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        _retry(self._blob(name).upload_from_string, data, content_type="application/octet-stream")
+        """Writes the whole object in one upload (a retry uploads it whole again)."""
+        _retry(lambda: self._blob(name).upload_from_string(data, content_type="application/octet-stream",
+                                                           retry=None, timeout=TIMEOUT_S))
 
     def size(self, name: str) -> int:
-        blob = _retry(gcs_client().bucket(self.bucket_name).get_blob, self._key(name))
+        blob = _retry(lambda: gcs_client().bucket(self.bucket_name).get_blob(self._key(name), retry=None,
+                                                                             timeout=TIMEOUT_S))
         if blob is None:
             raise FileNotFoundError(f"{self.url}/{name}")
         return int(blob.size)
+
+
+def _split_gcs(url: str):
+    bucket, _, key = str(url)[len(GCS_SCHEME):].partition("/")
+    if not is_gcs(url) or not bucket:
+        raise ValueError(f"bad GCS path: {url!r}")
+    return bucket, key.strip("/")
+
+
+def move_tree(src: str, dst: str) -> int:
+    """Moves every object under gs://B/src/ to gs://B2/dst/ (server-side rewrite, then delete the original).
+
+    Each request is retried on transient errors like the rest of this module, and so is the whole move safe
+    to repeat: objects already moved are no longer listed under src, and a delete that finds its object gone
+    (its first attempt went through but the answer was lost) counts as done. Returns the number moved.
+    """
+    from google.api_core import exceptions as gexc
+
+    src_bucket, src_key = _split_gcs(src)
+    dst_bucket, dst_key = _split_gcs(dst)
+    client = gcs_client()
+    prefix = f"{src_key}/" if src_key else ""
+    names = _retry(lambda: [b.name for b in client.list_blobs(src_bucket, prefix=prefix, retry=None,
+                                                                timeout=TIMEOUT_S)])
+    for name in names:
+        source = client.bucket(src_bucket).blob(name)
+        target = client.bucket(dst_bucket).blob(f"{dst_key}/{name[len(prefix):]}" if dst_key else name[len(prefix):])
+
+        def _rewrite():
+            token = None
+            while True:  # large objects take several rewrite calls
+                token, _, _ = target.rewrite(source, token=token, retry=None, timeout=TIMEOUT_S)
+                if token is None:
+                    return
+
+        _retry(_rewrite)
+
+        def _delete():
+            try:
+                source.delete(retry=None, timeout=TIMEOUT_S)
+            except gexc.NotFound:
+                pass
+
+        _retry(_delete)
+    return len(names)
