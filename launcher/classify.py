@@ -35,6 +35,7 @@ class Evidence:
     drained_hosts: List[int] = field(default_factory=list)  # hosts whose Ray node was drained for preemption
     hung_hosts: List[int] = field(default_factory=list)  # hosts without progress past the watchdog timeout
     reasons: Dict[int, str] = field(default_factory=dict)  # process id -> reason the trainer gave on exit
+    phases: Dict[int, str] = field(default_factory=dict)  # process id -> its heartbeat's last phase
 
 
 def classify(ev: Evidence) -> Failure:
@@ -65,6 +66,8 @@ def classify(ev: Evidence) -> Failure:
     signalled = [i for i, c in failed.items() if c > 128]
     if signalled:  # the others' errors (a peer vanished from a collective) follow from this one
         i = signalled[0]
+        if ev.phases.get(i) == "init" and failed[i] == 128 + 6:  # jax.distributed aborts when it cannot join
+            return Failure(TIMEOUT, i, f"host {i} aborted while joining jax.distributed (trainer.init_timeout_s)")
         return Failure(CRASH, i, f"host {i} was killed by signal {failed[i] - 128} (exit code {failed[i]})")
     i = next(iter(failed))
     return Failure(USER_ERROR, i, f"host {i} exited with code {failed[i]}")

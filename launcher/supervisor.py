@@ -315,8 +315,8 @@ class Supervisor:
             group.stop_all(grace_s=0)  # every host of the slice at once: crashes beat hangs
             if self.sync is not None:
                 self.sync.pull()
-            evidence.codes.update({i: c for i, c in self._final_codes(refs).items() if i not in evidence.codes})
-            self.codes = dict(evidence.codes)
+            # Exit codes of the hosts we just killed are ours, not evidence; they go in the summary only.
+            self.codes = {**self._final_codes(refs), **evidence.codes}
             evidence.node_states = self._node_states()
             failure = classify(evidence)
             self.blame = failure.host

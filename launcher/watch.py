@@ -1,7 +1,9 @@
 """The supervisor's watch over one attempt: exit codes, heartbeats (the step watchdog), Ray node death and drains.
 
-Returns when every host has exited, or at the first sign of failure (after a short settle, so the exit codes
-of the hosts that fail along with the first are evidence too). A host with no progress (its heartbeat's step
+Returns when every host has exited, or at the first sign of failure: at once for a host killed by a signal,
+lost, or hung; after `settle_s` for an error exit (a peer's death shows first as an error in a collective, so
+the others' codes are evidence too); after up to `notice_grace_s` for exit 42 (the other hosts are finishing
+the checkpoint they agreed on). A host with no progress (its heartbeat's step
 or phase unchanged) for `watchdog.timeout_s` (`startup_timeout_s` before its first step) gets SIGUSR1, which
 makes the trainer dump every thread's stack into its log, and the attempt ends as a hang. A host whose Ray node
 is drained for preemption gets SIGTERM, the trainers' preemption notice.
@@ -12,7 +14,7 @@ from typing import Callable, List, Optional
 
 import ray
 
-from launcher.classify import HOST_LOST, Evidence
+from launcher.classify import EXIT_RESTARTABLE, HOST_LOST, Evidence
 
 STARTUP_PHASES = {"init", "restore", "compile"}
 
@@ -36,11 +38,13 @@ def _alive_node_ids() -> Optional[set]:
 class Watch:
     def __init__(self, pod, refs: List, attempt: int, read_heartbeat: Callable[[int], Optional[dict]],
                  timeout_s: float, startup_timeout_s: float, on_poll: Optional[Callable[[], None]] = None,
-                 poll_s: float = 0.5, settle_s: float = 3.0, node_check_s: float = 2.0, say=print):
+                 poll_s: float = 0.5, settle_s: float = 3.0, node_check_s: float = 2.0,
+                 notice_grace_s: float = 60.0, say=print):
         self.pod, self.refs, self.attempt = pod, refs, attempt
         self.read_heartbeat, self.on_poll, self.say = read_heartbeat, on_poll, say
         self.timeout_s, self.startup_timeout_s = float(timeout_s), float(startup_timeout_s)
         self.poll_s, self.settle_s, self.node_check_s = poll_s, settle_s, node_check_s
+        self.notice_grace_s = notice_grace_s
         self.started = time.time()
         self.evidence = Evidence()
         self.max_step: Optional[int] = None
@@ -68,11 +72,15 @@ class Watch:
             if now >= next_node_check:
                 self._check_nodes(pending)
                 next_node_check = now + self.node_check_s
-            sign = any(c != 0 for c in ev.codes.values()) or ev.dead_hosts or ev.hung_hosts
-            if sign and failed_at is None:
-                failed_at = now
-            if failed_at is not None and (now - failed_at >= self.settle_s or ev.hung_hosts):
+            codes = set(ev.codes.values()) - {0}
+            if ev.dead_hosts or ev.hung_hosts or any(c > 128 or c == HOST_LOST for c in codes):
                 break
+            if codes and failed_at is None:
+                failed_at = now
+            if failed_at is not None:
+                wait_s = self.notice_grace_s if codes == {EXIT_RESTARTABLE} else self.settle_s
+                if now - failed_at >= wait_s:
+                    break
         self._read_heartbeats(range(len(self.refs)))
         return ev
 
@@ -84,6 +92,7 @@ class Watch:
                 progress, phase = self.started, "init"
             else:
                 progress, phase = float(hb.get("progress_time") or self.started), hb.get("phase") or "init"
+                self.evidence.phases[i] = phase
                 if hb.get("step") is not None:
                     self.max_step = max(self.max_step or 0, int(hb["step"]))
                 if hb.get("exit"):

@@ -1,6 +1,7 @@
 """Per-host process setup: CPU device count, gloo collectives, jax.distributed.initialize, parent watch."""
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -17,6 +18,26 @@ def set_cpu_devices(n: int) -> None:
     os.environ["XLA_FLAGS"] = " ".join(flags)
 
 
+def wait_for_coordinator(coordinator: str, timeout_s: float, poll_s: float = 0.25) -> None:
+    """Wait until host 0's coordinator accepts connections; TimeoutError otherwise.
+
+    jax.distributed aborts the whole process (SIGABRT, no exception) when it cannot register in time; checking
+    reachability first turns the common case (host 0 never came up) into an exception the trainer reports
+    as a restartable exit.
+    """
+    host, _, port = coordinator.rpartition(":")
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(2.0, timeout_s)):
+                return
+        except OSError:
+            if time.time() >= deadline:
+                raise TimeoutError(f"the coordinator {coordinator} was not reachable within {timeout_s:.0f}s "
+                                   f"(trainer.init_timeout_s)") from None
+            time.sleep(poll_s)
+
+
 def initialize(coordinator: str, num_processes: int, process_id: int, timeout_s: int) -> float:
     """Join the JAX program of all hosts; returns seconds taken. Host 0 serves as coordinator."""
     import jax
@@ -24,8 +45,11 @@ def initialize(coordinator: str, num_processes: int, process_id: int, timeout_s:
     if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     t0 = time.time()
+    if int(process_id) != 0:
+        wait_for_coordinator(coordinator, float(timeout_s))
+    remaining = max(1, int(timeout_s - (time.time() - t0)))
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=int(num_processes),
-                               process_id=int(process_id), initialization_timeout=int(timeout_s))
+                               process_id=int(process_id), initialization_timeout=remaining)
     return time.time() - t0
 
 

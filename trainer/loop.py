@@ -4,6 +4,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from typing import Dict, Optional
 
 import jax
@@ -120,6 +121,7 @@ class Loop:
         mark_time, mark_step, data_wait = time.time(), start_step, 0.0
         excluded = 0.0  # eval and save time since the mark: not step time
         preempted_at: Optional[int] = None
+        in_flight: deque = deque()  # (step, its loss array) dispatched but maybe not finished
         try:
             for step in range(start_step, self.steps):
                 t_data = time.time()
@@ -127,11 +129,17 @@ class Loop:
                 data_wait += time.time() - t_data
                 state, metrics = self.train_step(state, batch)
                 done = step + 1
-                self.beat(step=done, phase="train")
+                # The heartbeat's step is the last step known *finished* (steps are dispatched asynchronously):
+                # checked without blocking, so the watchdog sees real progress and lost steps are exact.
+                in_flight.append((done, metrics["loss"]))
+                while in_flight and in_flight[0][1].is_ready():
+                    self.beat(step=in_flight.popleft()[0], phase="train")
                 first = step == start_step
                 preempt = self.preempted(done)
                 if first or done % log_every == 0 or done == self.steps or preempt:
                     loss = float(metrics["loss"])  # blocks until the step is finished
+                    in_flight.clear()
+                    self.beat(step=done, phase="train")
                     now = time.time()
                     n = done - mark_step
                     step_time = (now - mark_time) / n
