@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,12 +24,14 @@ def tpu_compiler_installed() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
-def _preflight(cfg: DictConfig, topology: Optional[str], num_slices: int, analytic: bool, devices: int) -> dict:
+def _preflight(cfg: DictConfig, tpu, num_slices: int, analytic: bool, devices: int) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(OmegaConf.to_yaml(cfg, resolve=True))
         path = f.name
     argv = [sys.executable, "-m", "trainer.preflight", "--config", path, "--num-slices", str(num_slices), "--fast"]
-    argv += ["--topology", topology] if topology else ["--devices", str(devices)]
+    argv += (["--topology", tpu.jax_topology_name, "--hbm-bytes-per-chip", str(tpu.hbm_bytes_per_chip),
+              "--peak-flops-per-chip", repr(float(tpu.peak_bf16_flops_per_chip))]
+             if tpu is not None else ["--devices", str(devices)])
     if analytic:
         argv.append("--analytic")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -48,7 +49,7 @@ def _preflight(cfg: DictConfig, topology: Optional[str], num_slices: int, analyt
 def make_plan(cfg: DictConfig, plan: Plan, compile: bool = True) -> dict:
     tpu = plan.tpu
     analytic = not (compile and tpu is not None and tpu_compiler_installed())
-    pre = _preflight(cfg, tpu.jax_topology_name if tpu else None, plan.num_slices, analytic, plan.devices)
+    pre = _preflight(cfg, tpu, plan.num_slices, analytic, plan.devices)
     out = {
         "run": cfg.run.name, "provider": cfg.cluster.provider,
         "accelerator_type": plan.slice.accelerator_type, "num_slices": plan.num_slices,

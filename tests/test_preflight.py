@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from omegaconf import OmegaConf
 
+from cluster import catalog
 from launcher.config import compose_config
 from trainer.preflight import PreflightError, estimate_step_time, parse_topology, tpu_compiler_available
 
@@ -44,8 +45,17 @@ def _env():
     return env
 
 
+def _chip_args(topology: str):
+    """The catalog's HBM and peak FLOP/s for a topology's generation, as the launcher passes them."""
+    gen = topology.split(":")[0]
+    tpu = next(t for t in catalog.all_types() if t.version == gen)
+    return ["--hbm-bytes-per-chip", str(tpu.hbm_bytes_per_chip),
+            "--peak-flops-per-chip", repr(float(tpu.peak_bf16_flops_per_chip))]
+
+
 def _run(config_path: str, topology: str, extra):
-    cmd = [sys.executable, "-m", "trainer.preflight", "--config", config_path, "--topology", topology, *extra]
+    cmd = [sys.executable, "-m", "trainer.preflight", "--config", config_path, "--topology", topology,
+           *_chip_args(topology), *extra]
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
 
 
@@ -195,3 +205,13 @@ def test_estimate_step_time_counts_6nd_plus_causal_attention():
     assert t == pytest.approx((6 * 85_000_000 * tokens + attention) / (275e12 * 16 * 0.5))
     assert estimate_step_time(cfg, 85_000_000, 32, 275e12) == pytest.approx(
         estimate_step_time(cfg, 85_000_000, 16, 275e12) / 2)
+
+
+def test_topology_without_the_chip_figures_is_one_error_line(tmp_path):
+    path = str(tmp_path / "c.yaml")
+    OmegaConf.save(compose_config(["model=tiny"]), path)
+    proc = subprocess.run([sys.executable, "-m", "trainer.preflight", "--config", path, "--topology", "v4:2x2x1",
+                           "--analytic"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["preflight: error: --topology needs --hbm-bytes-per-chip and "
+                                                "--peak-flops-per-chip (the launcher passes the catalog's values)"]

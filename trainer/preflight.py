@@ -16,7 +16,7 @@ import re
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from trainer.mesh_shape import AXES, resolve_mesh_shape
 
@@ -24,9 +24,14 @@ from trainer.mesh_shape import AXES, resolve_mesh_shape
 # Cloud TPU VMs run them as megacore (one device per chip), which is what the trainer will see.
 _MEGACORE = ("v4", "v5p")
 _TOPOLOGY_RE = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
-# Per-chip HBM (public Cloud TPU docs; see FIELD-NOTES) and bf16 peak FLOP/s per chip.
-HBM_BYTES_PER_CHIP = {"v4": 32 * 2 ** 30, "v5e": 16 * 10 ** 9, "v5p": 95 * 10 ** 9, "v6e": 32 * 10 ** 9}
-PEAK_FLOPS_PER_CHIP = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
+
+
+class Chip(NamedTuple):
+    """What the fit and step-time figures need of a chip; the launcher passes the catalog's values
+    (cluster/catalog.py), the one place they are written down."""
+    hbm_bytes: int
+    peak_flops: float
+
 _TOP_BUFFERS = 5
 
 
@@ -125,7 +130,7 @@ def _chips(devices) -> int:
     return len({(getattr(d, "slice_index", 0), tuple(d.coords)) for d in devices})
 
 
-def compile_for_topology(cfg, topology_name: str, num_slices: int = 1, *, megacore: bool = True,
+def compile_for_topology(cfg, topology_name: str, chip: Chip, num_slices: int = 1, *, megacore: bool = True,
                          fast: bool = False) -> dict:
     """AOT-compile the trainer's real train step for a TPU topology and report XLA's per-device memory.
 
@@ -180,7 +185,7 @@ def compile_for_topology(cfg, topology_name: str, num_slices: int = 1, *, megaco
             options.pop("xla_tpu_no_crash_on_oom")
             compiled = lowered.compile(compiler_options=options or None)
     except Exception as e:  # noqa: BLE001 - JaxRuntimeError
-        return _rejected(cfg, e, topology_name, gen, num_slices, chips, len(devices), per_chip,
+        return _rejected(cfg, e, topology_name, gen, chip, num_slices, chips, len(devices), per_chip,
                          _mesh_sizes(mesh), time.perf_counter() - t0)
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
@@ -208,17 +213,18 @@ def compile_for_topology(cfg, topology_name: str, num_slices: int = 1, *, megaco
            "device_kind": devices[0].device_kind,
            "compiler_options": options, "mesh": _mesh_sizes(mesh),
            "bytes_per_device": b, "est_hbm_bytes_per_chip": b["peak_estimate"] * per_chip,
-           "hbm_bytes_per_chip": HBM_BYTES_PER_CHIP[gen], "largest_buffers": _largest(leaves),
+           "hbm_bytes_per_chip": chip.hbm_bytes, "largest_buffers": _largest(leaves),
            "params": count_params(state["params"])}
     if chips != chips_per_slice * num_slices:
         out["note"] = f"topology description has {chips} chips, expected {chips_per_slice * num_slices}"
     if note:
         out["note"] = note
-    _add_fit_and_time(out, cfg, gen)
+    _add_fit_and_time(out, cfg, chip)
     return out
 
 
-def _rejected(cfg, error: BaseException, topology_name: str, gen: str, num_slices: int, chips: int, devices: int,
+def _rejected(cfg, error: BaseException, topology_name: str, gen: str, chip: Chip, num_slices: int, chips: int,
+              devices: int,
               per_chip: int, mesh: Dict[str, int], compile_s: float) -> dict:
     """The compiler refused the step. Far too big a step (past ~128 GiB a device even with OOM suppressed) comes
     back as "INVALID_ARGUMENT: Invalid TPU program": if the analytic estimate says it cannot fit either, report
@@ -227,12 +233,12 @@ def _rejected(cfg, error: BaseException, topology_name: str, gen: str, num_slice
     if "RESOURCE_EXHAUSTED" in msg or "Invalid TPU program" in msg:
         out = analytic_estimate(cfg, devices, mesh)
         est = out["bytes_per_device"]["peak_estimate"] * per_chip
-        if est > HBM_BYTES_PER_CHIP[gen]:
+        if est > chip.hbm_bytes:
             out.update(topology=topology_name, generation=gen, num_slices=num_slices, chips=chips,
                        devices_per_chip=per_chip, est_hbm_bytes_per_chip=est,
-                       hbm_bytes_per_chip=HBM_BYTES_PER_CHIP[gen], compile_s=round(compile_s, 3), compile_error=msg,
+                       hbm_bytes_per_chip=chip.hbm_bytes, compile_s=round(compile_s, 3), compile_error=msg,
                        note="the TPU compiler rejected the step; analytic estimate")
-            _add_fit_and_time(out, cfg, gen)
+            _add_fit_and_time(out, cfg, chip)
             return out
     raise PreflightError(f"TPU compiler: {msg}") from None
 
@@ -243,9 +249,9 @@ def _check_batch(batch: int, mesh: Dict[str, int]):
         raise PreflightError(f"trainer.batch_size={batch} is not divisible by mesh data x fsdp = {split}")
 
 
-def _add_fit_and_time(out: dict, cfg, gen: str):
+def _add_fit_and_time(out: dict, cfg, chip: Chip):
     out["fits"] = out["est_hbm_bytes_per_chip"] <= out["hbm_bytes_per_chip"]
-    out["est_step_s"] = round(estimate_step_time(cfg, out["params"], out["chips"], PEAK_FLOPS_PER_CHIP[gen]), 6)
+    out["est_step_s"] = round(estimate_step_time(cfg, out["params"], out["chips"], chip.peak_flops), 6)
 
 
 # -- analytic path -----------------------------------------------------------------------------------------
@@ -362,7 +368,7 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def _analytic_for_topology(cfg, topology_name: str, num_slices: int, megacore: bool = True) -> dict:
+def _analytic_for_topology(cfg, topology_name: str, chip: Chip, num_slices: int, megacore: bool = True) -> dict:
     gen, chips = parse_topology(topology_name)
     per_chip = 1 if megacore or gen not in _MEGACORE else 2  # megacore: one device per chip, as on a TPU VM
     devices = chips * num_slices * per_chip
@@ -374,8 +380,8 @@ def _analytic_for_topology(cfg, topology_name: str, num_slices: int, megacore: b
     out = analytic_estimate(cfg, devices, mesh)
     out.update(topology=topology_name, generation=gen, num_slices=num_slices, chips=chips * num_slices,
                devices_per_chip=per_chip, est_hbm_bytes_per_chip=out["bytes_per_device"]["peak_estimate"] * per_chip,
-               hbm_bytes_per_chip=HBM_BYTES_PER_CHIP[gen])
-    _add_fit_and_time(out, cfg, gen)
+               hbm_bytes_per_chip=chip.hbm_bytes)
+    _add_fit_and_time(out, cfg, chip)
     return out
 
 
@@ -391,13 +397,13 @@ def _analytic_for_devices(cfg, devices: int) -> dict:
     return out
 
 
-def run(cfg, topology_name: str, num_slices: int = 1, analytic: bool = False, megacore: bool = True,
+def run(cfg, topology_name: str, chip: Chip, num_slices: int = 1, analytic: bool = False, megacore: bool = True,
         fast: bool = False) -> dict:
     """The compiled pre-flight when libtpu is installed (else, or with analytic=True, the analytic one)."""
     parse_topology(topology_name)
     if not analytic and tpu_compiler_available():
-        return compile_for_topology(cfg, topology_name, num_slices, megacore=megacore, fast=fast)
-    out = _analytic_for_topology(cfg, topology_name, num_slices, megacore)
+        return compile_for_topology(cfg, topology_name, chip, num_slices, megacore=megacore, fast=fast)
+    out = _analytic_for_topology(cfg, topology_name, chip, num_slices, megacore)
     if not analytic:
         out["note"] = 'libtpu not installed (pip install "jax[tpu]"): analytic estimate'
     return out
@@ -433,6 +439,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--topology", help="TPU topology, e.g. v4:2x2x4 (v4-32), v5e:4x4")
     where.add_argument("--devices", type=int, help="no TPU type (a plain local pod): analytic, N devices")
+    parser.add_argument("--hbm-bytes-per-chip", type=int, help="with --topology: the chip's HBM (catalog)")
+    parser.add_argument("--peak-flops-per-chip", type=float, help="with --topology: bf16 peak FLOP/s (catalog)")
     parser.add_argument("--num-slices", type=int, default=1)
     parser.add_argument("--analytic", action="store_true", help="skip the TPU compiler: analytic estimate")
     parser.add_argument("--per-core", action="store_true",
@@ -448,8 +456,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not os.path.isfile(args.config):
             raise PreflightError(f"--config {args.config}: no such file")
         cfg = OmegaConf.load(args.config)
+        if args.topology and not (args.hbm_bytes_per_chip and args.peak_flops_per_chip):
+            raise PreflightError("--topology needs --hbm-bytes-per-chip and --peak-flops-per-chip (the launcher "
+                                 "passes the catalog's values)")
+        chip = Chip(args.hbm_bytes_per_chip, args.peak_flops_per_chip) if args.topology else None
         with _QuietStderr(replay=args.verbose):
-            out = (run(cfg, args.topology, args.num_slices, args.analytic, not args.per_core, args.fast)
+            out = (run(cfg, args.topology, chip, args.num_slices, args.analytic, not args.per_core, args.fast)
                    if args.topology else _analytic_for_devices(cfg, args.devices))
     except Exception as e:  # noqa: BLE001 - one line for the launcher, whatever went wrong
         kind = "" if isinstance(e, PreflightError) else f"{type(e).__name__}: "
