@@ -170,7 +170,10 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
         error = str(e)
     except (KeyboardInterrupt, Terminated) as e:
         error = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"
-        sup.stop(graceful=True)
+        status = "stopped"
+        saved = sup.stop(graceful=True)
+        if saved is not None:
+            error += f"; the hosts saved a checkpoint at step {saved}: type the same command to resume from it"
     finally:
         sup.close()
         try:
@@ -368,10 +371,19 @@ class Supervisor:
                  if r.get("kind") == "save" and r.get("attempt") == self.attempt and r.get("step")]
         return bool(steps)
 
-    def stop(self, graceful: bool) -> None:
-        """Ctrl-C / SIGTERM: the hosts get a preemption notice and stop.supervisor.stop_grace_s to checkpoint."""
-        if self.group is not None:
-            self.group.stop_all(grace_s=float(self.cfg.supervisor.stop_grace_s) if graceful else 0)
+    def stop(self, graceful: bool) -> Optional[int]:
+        """Ctrl-C / SIGTERM: the hosts get a preemption notice and supervisor.stop_grace_s to checkpoint at an
+        agreed step. Returns that step if every host saved it."""
+        if self.group is None:
+            return None
+        self.group.stop_all(grace_s=float(self.cfg.supervisor.stop_grace_s) if graceful else 0)
+        if self.sync is not None:
+            self.sync.pull()
+        beats = [self._heartbeat(i) or {} for i in range(len(self.group.infos))]
+        if beats and all((b.get("exit") or {}).get("reason") == "preemption" and b.get("attempt") == self.attempt
+                         for b in beats):
+            return beats[0].get("step")
+        return None
 
     def close(self) -> None:
         if self.sync is not None:

@@ -22,8 +22,9 @@ class Chaos:
         full_env["PYTHONPATH"] = ROOT + (os.pathsep + full_env["PYTHONPATH"] if full_env.get("PYTHONPATH") else "")
         self.out_path = os.path.join(os.path.dirname(run_dir), os.path.basename(run_dir) + ".out")
         self.out = open(self.out_path, "w")
+        # Its own process group, as a command typed in a terminal: Ctrl-C is SIGINT to that whole group.
         self.proc = subprocess.Popen([sys.executable, "-m", "launcher", *overrides], cwd=ROOT, env=full_env,
-                                     stdout=self.out, stderr=subprocess.STDOUT, text=True)
+                                     stdout=self.out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
     def beat(self, host: int) -> Optional[dict]:
         try:
@@ -51,6 +52,9 @@ class Chaos:
         b = self.until(attempt, host=host, **until)
         os.kill(b["pid"], sig)
         return b
+
+    def ctrl_c(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGINT)
 
     def finish(self, timeout: float = 400) -> int:
         try:

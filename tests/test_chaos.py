@@ -157,3 +157,20 @@ def test_gce_maintenance_event_is_a_notice(tmp_path, reference):
     assert summary["restarts"] == {"preemption": 1, "total": 1} and summary["lost_steps"] == 0
     assert "GCE notice: maintenance-event TERMINATE_ON_HOST_MAINTENANCE" in open(
         os.path.join(run_dir, "logs", "host-0.log")).read()
+
+
+def test_ctrl_c_saves_at_an_agreed_step_and_the_command_resumes_there(tmp_path, reference):
+    run_dir = str(tmp_path / "ctrlc")
+    args = ("run.name=ctrlc", f"run.dir={run_dir}", *RUN, *FAST)
+    chaos = Chaos(run_dir, *args)
+    chaos.until(attempt=0, step=12)
+    chaos.ctrl_c()
+    assert chaos.finish() == 1
+    stopped = read_json(os.path.join(run_dir, "summary.json"))
+    assert stopped["status"] == "stopped"
+    step = int(stopped["error"].split("checkpoint at step ")[1].split(":")[0])
+    assert 12 <= step < 40 and str(step) in os.listdir(os.path.join(run_dir, "checkpoints"))
+    again = Chaos(run_dir, *args)
+    summary = _summary(again, again.finish())
+    assert summary["resumed_from_step"] == step and summary["lost_steps"] == 0
+    assert summary["params_digest"] == reference["params_digest"]
