@@ -134,6 +134,97 @@ def test_checkpoint_move_survives_faults(gcs_faulty, fast_backoff):
     assert storage.open_store(f"{root}/ckpt/50/state").read_bytes("keep") == data["50/state/keep"]
 
 
+# ---------------------------------------------------------------- failures that outlast every retry
+
+def _transient_failures():
+    import aiohttp
+    from google.api_core import exceptions as gexc
+    from gcsfs.retry import HttpError
+
+    wrapped = RuntimeError("orbax could not restore")
+    wrapped.__cause__ = HttpError({"code": 503, "message": "backendError"})
+    return [gexc.ServiceUnavailable("503"), gexc.TooManyRequests("429"), ConnectionResetError(104, "reset"),
+            HttpError({"code": 429, "message": "rateLimitExceeded"}), aiohttp.ClientOSError(104, "reset"),
+            ValueError('ABORTED: Error reading gs://b/c/1/state/w/.zarray: All 32 retry attempts failed: '
+                       'CURL error Failure when receiving data from the peer'), wrapped]
+
+
+def test_transient_failures_are_told_apart_from_bad_data():
+    for exc in _transient_failures():
+        assert storage.is_transient_failure(exc), repr(exc)
+    from google.api_core import exceptions as gexc
+    from gcsfs.retry import HttpError
+
+    for exc in (FileNotFoundError("gs://b/x"), gexc.NotFound("404"), gexc.Forbidden("403"), HttpError({"code": 404}),
+                ValueError("DATA_LOSS: Error decoding chunk"), ValueError("not valid JSON")):
+        assert not storage.is_transient_failure(exc), repr(exc)
+
+
+def test_manifest_read_outage_is_not_a_data_error(monkeypatch):
+    """Bad data stops a run for good (exit 2); GCS failing past its retries must not be reported as bad data."""
+    from google.api_core import exceptions as gexc
+
+    from trainer.data import DataError, read_manifest
+
+    def outage(self, name):
+        raise gexc.ServiceUnavailable("503 backendError")
+
+    monkeypatch.setattr(storage.GCSStore, "read_bytes", outage)
+    with pytest.raises(gexc.ServiceUnavailable):
+        read_manifest("gs://some-bucket/data")
+
+    def forbidden(self, name):
+        raise gexc.Forbidden("403")
+
+    monkeypatch.setattr(storage.GCSStore, "read_bytes", forbidden)
+    with pytest.raises(DataError, match="cannot read"):
+        read_manifest("gs://some-bucket/data")
+
+
+def _tiny_state(scale=1.0):
+    import jax.numpy as jnp
+
+    return {"w": jnp.arange(60, dtype=jnp.float32).reshape(6, 10) * scale, "step": jnp.int32(int(scale))}
+
+
+def test_restore_does_not_set_aside_a_checkpoint_on_storage_outage(tmp_path, monkeypatch):
+    """A restore that fails because storage kept failing raises (the run stops or restarts) instead of taking
+    the checkpoint for unreadable and moving it aside; a genuinely corrupt one still falls back to an older one."""
+    import jax
+
+    from trainer.checkpoint import Checkpointer
+
+    directory = str(tmp_path / "ckpt")
+    saver = Checkpointer(directory, keep=3, ocdbt=False)
+    for step in (1, 2):
+        saver.save(step, _tiny_state(step), {"samples_seen": step})
+    saver.wait()
+    saver.close()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _tiny_state())
+    for exc in _transient_failures():
+        restorer = Checkpointer(directory, keep=3, ocdbt=False)
+
+        def failing(*args, exc=exc, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(restorer.manager, "restore", failing)
+        with pytest.raises(type(exc)):
+            restorer.restore_latest(abstract)
+        restorer.close()
+        assert sorted(os.listdir(directory)) == ["1", "2"] and not os.path.exists(directory + ".unreadable")
+    for root, _, files in os.walk(os.path.join(directory, "2", "state")):  # corrupt step 2 for real
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    restorer = Checkpointer(directory, keep=3, ocdbt=False)
+    try:
+        step, _, data_state = restorer.restore_latest(abstract)
+    finally:
+        restorer.close()
+    assert step == 1 and data_state == {"samples_seen": 1}
+    assert len(os.listdir(directory + ".unreadable")) == 1
+
+
 # ---------------------------------------------------------------- orbax checkpoints (gcsfs + tensorstore)
 
 def test_orbax_checkpoint_round_trip_through_faults(gcs_faulty):
@@ -166,3 +257,43 @@ def test_orbax_checkpoint_round_trip_through_faults(gcs_faulty):
     clients = gcs_faulty.by_client
     assert clients.get("gcsfs", {}).get("faults", 0) > 0, clients
     assert clients.get("tensorstore", {}).get("faults", 0) > 0, clients
+
+
+# ---------------------------------------------------------------- a real pod run
+
+@pytest.mark.integration
+def test_pod_run_through_10_percent_faults(gcs_faulty, corpus_cache, tmp_path):
+    """A 2-host pod with data and checkpoints on gs://, stopped at step 3 and resumed to 6 while 10% of all
+    GCS requests fail: completes with no restart and the same parameters as the run without faults."""
+    from podutil import TINY, explain, launch, read_json
+    from trainer.data.corpus import prepare_stdlib
+
+    root = f"gs://{gcs_faulty.bucket}/faults-pod-{uuid.uuid4().hex[:8]}"
+    data = f"{root}/shards"
+    prepare_stdlib(data, max_bytes=1_500_000)
+
+    def overrides(name):
+        return [f"run.name={name}", f"run.dir={tmp_path / name}", *TINY, "data=shards", f"data.path={data}",
+                f"checkpoint.dir={root}/{name}/checkpoints", "checkpoint.ocdbt=false", "checkpoint.every=3",
+                "optimizer.decay_steps=6"]
+
+    def summary_of(name, proc, step):
+        assert proc.returncode == 0, explain(proc)
+        summary = read_json(str(tmp_path / name / "summary.json"))
+        assert summary["status"] == "completed" and summary["final_step"] == step, summary
+        assert summary["restarts"] == {"total": 0} and not summary["failures"], summary  # retried, not restarted
+        return summary
+
+    clean = summary_of("clean", launch(*overrides("clean"), "trainer.steps=6"), 6)
+    assert gcs_faulty.faults == 0
+
+    gcs_faulty.set_faults(0.1, seed=7)
+    summary_of("faulty", launch(*overrides("faulty"), "trainer.steps=3"), 3)
+    faulty = summary_of("faulty", launch(*overrides("faulty"), "trainer.steps=6"), 6)
+    gcs_faulty.set_faults(0.0)
+    assert faulty["resumed_from_step"] == 3
+    assert faulty["params_digest"] == clean["params_digest"]
+    counts, clients = gcs_faulty.snapshot(), gcs_faulty.by_client
+    assert counts["503"] > 0 and counts["429"] > 0 and counts["reset"] > 0, counts
+    for client in ("google-cloud-storage", "gcsfs", "tensorstore"):  # data reads; orbax metadata; orbax arrays
+        assert clients.get(client, {}).get("faults", 0) > 0, clients

@@ -9,6 +9,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import orbax.checkpoint as ocp
 
+from trainer.data.storage import is_transient_failure
+
 log = logging.getLogger("trainer.checkpoint")
 
 
@@ -83,6 +85,8 @@ class Checkpointer:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to an older one
+                if is_transient_failure(e):  # storage kept failing past its retries: the checkpoint may be fine
+                    raise
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
                 log.warning("checkpoint step %d in %s could not be read (%s: %s); trying an older one",
                             step, self.directory, type(e).__name__, first)

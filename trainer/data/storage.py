@@ -141,6 +141,26 @@ def _is_transient(exc: BaseException) -> bool:
     return False
 
 
+def is_transient_failure(exc: BaseException) -> bool:
+    """True if `exc`, or an exception it came from, is a transient storage error that outlasted the retries
+    of the client that raised it: ours (`_is_transient`), gcsfs (its own retriable list) or tensorstore
+    ("All N retry attempts failed"). Such a failure says nothing about the data or checkpoint it was reading."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if _is_transient(exc) or "retry attempts failed" in str(exc):
+            return True
+        try:
+            from gcsfs.retry import is_retriable
+
+            if is_retriable(exc):
+                return True
+        except ImportError:  # pragma: no cover
+            pass
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _retry(fn, *args, **kwargs):
     """fn(*args, **kwargs), retried with exponential backoff while it fails with a transient error.
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import DataError
 from .prepare import FORMAT, MANIFEST
-from .storage import is_gcs, open_store
+from .storage import is_gcs, is_transient_failure, open_store
 
 # Ranged reads of one batch issued concurrently for remote (GCS) stores, where each is a round trip.
 REMOTE_READ_THREADS = 8
@@ -35,6 +35,8 @@ def read_manifest(path: str) -> dict:
         raise DataError(f"no {MANIFEST} in {path}: not a prepared dataset "
                         f"(create one with `python -m trainer.data prepare --input CORPUS --output {path}`)") from None
     except Exception as exc:  # noqa: BLE001 - storage errors become one-line DataErrors
+        if is_transient_failure(exc):  # GCS kept failing past its retries: not a problem with the data
+            raise
         raise DataError(f"cannot read {path}/{MANIFEST}: {_one_line(exc)}") from exc
     try:
         manifest = json.loads(raw)
