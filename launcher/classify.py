@@ -2,8 +2,9 @@
 
 Evidence, strongest first: the provider's node state (PREEMPTED, TERMINATED, REPAIRING, ... or gone), Ray
 node death or a drain for preemption, a watchdog hang, then the hosts' exit codes: 42 (the trainer honoured a
-preemption notice, or could not join jax.distributed) and 128+n (killed by signal n) are restartable; any
-other code is a user error: stop and show that host's traceback. A host whose actor died shows HOST_LOST.
+preemption notice, could not join jax.distributed, or storage stayed down past its retries) and 128+n (killed
+by signal n) are restartable; any other code is a user error: stop and show that host's traceback. A host
+whose actor died shows HOST_LOST.
 """
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -12,12 +13,13 @@ HOST_LOST = -1  # the host's actor or Ray node died: no exit code
 EXIT_RESTARTABLE = 42
 HEALTHY_NODE_STATES = {"READY", "CREATING", "STARTING", "RESTARTING"}
 
-PREEMPTION, CRASH, HANG, TIMEOUT, USER_ERROR = "preemption", "crash", "hang", "timeout", "user_error"
+PREEMPTION, CRASH, HANG, TIMEOUT, STORAGE, USER_ERROR = ("preemption", "crash", "hang", "timeout", "storage",
+                                                        "user_error")
 
 
 @dataclass
 class Failure:
-    cause: str  # preemption | crash | hang | timeout | user_error
+    cause: str  # preemption | crash | hang | timeout | storage | user_error
     host: Optional[int]  # the host whose log tells the story (None: the whole slice)
     detail: str
     reprovision: bool = False  # the slice's nodes are gone or unhealthy: provision again, do not reuse
@@ -61,7 +63,7 @@ def classify(ev: Evidence) -> Failure:
     if restartable:
         i = restartable[0]
         reason = ev.reasons.get(i, "")
-        cause = TIMEOUT if reason.startswith("init") else PREEMPTION
+        cause = TIMEOUT if reason.startswith("init") else STORAGE if reason == "storage" else PREEMPTION
         return Failure(cause, i, f"host {i} exited with code 42 ({reason or 'restartable'})")
     signalled = [i for i, c in failed.items() if c > 128]
     if signalled:  # the others' errors (a peer vanished from a collective) follow from this one

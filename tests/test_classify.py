@@ -26,6 +26,8 @@ def test_lost_actor_is_a_preemption_and_hang_is_a_hang():
 def test_exit_42_reason_tells_preemption_from_init_timeout():
     assert classify(Evidence(codes={0: 42, 1: 42}, reasons={0: "preemption"})).cause == "preemption"
     assert classify(Evidence(codes={1: 42}, reasons={1: "init_failed"})).cause == "timeout"
+    storage = classify(Evidence(codes={0: 42}, reasons={0: "storage"}))
+    assert storage.cause == "storage" and storage.restartable
 
 
 def test_the_signalled_host_is_blamed_not_its_peer_with_an_error():

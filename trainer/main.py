@@ -2,7 +2,8 @@
 
 Started by the launcher's host actor, one per host. Exit codes: 0 done, 2 user error (bad data or
 checkpoint: fix and relaunch), 42 restartable (a preemption notice was honoured with a checkpoint at the step
-all hosts agreed on, or jax.distributed could not be joined), 1 any other failure. SIGUSR1 dumps every
+all hosts agreed on, jax.distributed could not be joined, or storage stayed down past every retry), 1 any
+other failure. SIGUSR1 dumps every
 thread's stack into the host's log (the supervisor's watchdog sends it to a host that stopped making progress).
 """
 import argparse
@@ -91,6 +92,16 @@ def main(argv=None) -> int:
         events("error", kind="user", message=str(e))
         heartbeat.finish(EXIT_USER_ERROR, "user_error")
         return EXIT_USER_ERROR
+    except Exception as e:  # noqa: BLE001 - storage that stayed down past every retry: restart, do not stop
+        from trainer.data.storage import is_transient_failure
+
+        if not is_transient_failure(e):
+            heartbeat.finish(EXIT_FAILED, "exception")
+            raise
+        logging.getLogger("trainer").exception("storage failed past its retries; exiting to be restarted")
+        events("error", kind="storage", message=str(e)[:300])
+        heartbeat.finish(EXIT_RESTARTABLE, "storage")
+        return EXIT_RESTARTABLE
     except BaseException:
         heartbeat.finish(EXIT_FAILED, "exception")
         raise
