@@ -20,7 +20,7 @@ from cluster.hygiene import clean_host
 from cluster.local import CPU_DEVICES_ENV
 from cluster.maintenance import GCE_METADATA_URL, METADATA_URL_ENV, MaintenanceWatch
 from cluster.slice import SliceSpec
-from launcher.runsync import APPENDED, WHOLE, read_new
+from launcher.runsync import WHOLE, read_new
 
 
 def _ephemeral_low() -> int:
@@ -69,20 +69,17 @@ class HostActor:
                 "hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
                 "actor_pid": os.getpid()}
 
-    def run(self, argv: List[str], env: Dict[str, str], log_path: str, cwd: str,
-            files: Optional[Dict[str, str]] = None, heartbeat_file: Optional[str] = None) -> int:
-        """Run the trainer to completion; its output goes to log_path. Returns its exit code (a signal n as
-        128+n, as a shell reports it).
-
-        First the host is cleaned (cluster/hygiene.py): a trainer of an earlier attempt still running (its pid
-        in `heartbeat_file`) is killed, and on a TPU VM whatever holds the TPU. `files` (path -> text) are
-        written next: a host-local run directory's config, when the host does not share the supervisor's
-        filesystem; its stale synced copies are cleared so they are not synced twice.
-        """
+    def prepare(self, log_path: str, cwd: str, files: Optional[Dict[str, str]] = None,
+                heartbeat_file: Optional[str] = None, sync_names: List[str] = ()) -> Dict:
+        """Before every start: clean the host (cluster/hygiene.py): a trainer of an earlier attempt still
+        running (its pid in `heartbeat_file`) is killed, and on a TPU VM whatever holds the TPU. Then write
+        `files` (path -> text: a host-local run directory's config, when the host does not share the
+        supervisor's filesystem) and drop a stale result.json there. Returns the hygiene actions and the
+        current sizes of `sync_names` (RunSync starts from there, so nothing is synced twice)."""
         self.stop(grace_s=0)
         cleaned = clean_host(heartbeat_file)
         if files:
-            for name in (*APPENDED, *WHOLE, os.path.relpath(log_path, cwd)):
+            for name in WHOLE:
                 try:
                     os.remove(os.path.join(cwd, name))
                 except FileNotFoundError:
@@ -93,6 +90,17 @@ class HostActor:
                     f.write(text)
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         os.makedirs(cwd, exist_ok=True)
+        sizes = {}
+        for name in sync_names:
+            try:
+                sizes[name] = os.path.getsize(os.path.join(cwd, name))
+            except OSError:
+                sizes[name] = 0
+        return {"cleaned": cleaned, "sizes": sizes}
+
+    def run(self, argv: List[str], env: Dict[str, str], log_path: str, cwd: str, cleaned: List[str] = ()) -> int:
+        """Run the trainer to completion; its output goes to log_path. Returns its exit code (a signal n as
+        128+n, as a shell reports it)."""
         full_env = {**os.environ, **env}
         cpu_devices = os.environ.get(CPU_DEVICES_ENV)
         if cpu_devices:  # a stand-in host (local pod, test VM): CPU devices in place of TPU chips
@@ -226,11 +234,17 @@ class Pod:
     def slice_of(self, process_id: int) -> int:
         return self.infos[process_id]["slice"]
 
-    def start(self, argv_for, env_for, log_path_for, cwd_for, files_for=lambda i: None,
-              heartbeat_for=lambda i: None):
+    def prepare(self, log_path_for, cwd_for, files_for=lambda i: None, heartbeat_for=lambda i: None,
+                sync_names_for=lambda i: (), timeout_s: float = 120) -> List[Dict]:
+        """Clean every host and write its files (HostActor.prepare), all before any trainer starts."""
+        return ray.get([actor.prepare.remote(log_path_for(i), cwd_for(i), files_for(i), heartbeat_for(i),
+                                             list(sync_names_for(i)))
+                        for i, actor in enumerate(self.actors)], timeout=timeout_s)
+
+    def start(self, argv_for, env_for, log_path_for, cwd_for, prepared: Optional[List[Dict]] = None):
         """Start every host's trainer; returns the ObjectRefs of their exit codes, by process id."""
-        return [actor.run.remote(argv_for(i), env_for(i), log_path_for(i), cwd_for(i), files_for(i),
-                                 heartbeat_for(i))
+        return [actor.run.remote(argv_for(i), env_for(i), log_path_for(i), cwd_for(i),
+                                 (prepared[i]["cleaned"] if prepared else []))
                 for i, actor in enumerate(self.actors)]
 
     def new_coordinator(self, timeout_s: float = 30) -> str:

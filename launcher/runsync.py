@@ -5,7 +5,7 @@ Each such host's trainer writes into a host-local run directory; the supervisor 
 metrics.jsonl and result.json look the same as on a local pod.
 """
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import ray
 
@@ -46,9 +46,12 @@ def read_new(root: str, offsets: Dict[str, int]) -> Dict[str, Tuple[bytes, int]]
 class RunSync:
     """Pulls every host's new run-directory bytes into the supervisor's run directory."""
 
-    def __init__(self, run_dir: str, actors: List, host_dirs: List[str]):
+    def __init__(self, run_dir: str, actors: List, host_dirs: List[str], start: Optional[List[Dict]] = None):
+        """start: per host, {name: size} of its files now (HostActor.prepare): what was already there (an
+        earlier attempt's or launch's lines, synced then) is not synced again."""
         self.run_dir, self.actors, self.host_dirs = run_dir, actors, host_dirs
-        self.offsets = {i: {name: 0 for name in host_files(i)} for i in range(len(actors))}
+        self.offsets = {i: {name: 0 if is_whole(name) else int((start[i] if start else {}).get(name, 0))
+                            for name in host_files(i)} for i in range(len(actors))}
 
     def pull(self, timeout_s: float = 30.0) -> None:
         refs = {i: a.pull.remote(self.host_dirs[i], self.offsets[i]) for i, a in enumerate(self.actors)}

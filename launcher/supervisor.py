@@ -23,7 +23,7 @@ from launcher import goodput
 from launcher.classify import HOST_LOST, Budget, classify
 from launcher.hosts import HostStartError, Pod
 from launcher.logtail import LogTail
-from launcher.runsync import RunSync
+from launcher.runsync import RunSync, host_files
 from launcher.stage import stage_for_cloud
 from launcher.follow import follow
 from launcher.rundir import RunDir, RunLive
@@ -301,13 +301,16 @@ class Supervisor:
                 self._place()
             group = self.group
             coordinator = group.new_coordinator()
+            sync_names = (lambda i: host_files(i)) if not self.dirs.shared else (lambda i: ())
+            prepared = group.prepare(self.dirs.log, self.dirs.dir, self.dirs.files,
+                                     lambda i: os.path.join(self.dirs.dir(i), "hosts", f"host-{i}.json"), sync_names)
             if not self.dirs.shared:
-                self.sync = RunSync(self.run.path, group.actors, [self.dirs.dir(i) for i in range(len(group.actors))])
+                self.sync = RunSync(self.run.path, group.actors, [self.dirs.dir(i) for i in range(len(group.actors))],
+                                    [p["sizes"] for p in prepared])
             self.ledger("attempt_start", attempt=self.attempt)
             self.run.event("attempt_start", attempt=self.attempt, coordinator=coordinator)
             refs = group.start(_trainer_argv(self.dirs, plan, coordinator, self.attempt), _trainer_env(plan, group),
-                               self.dirs.log, self.dirs.dir, self.dirs.files,
-                               lambda i: os.path.join(self.dirs.dir(i), "hosts", f"host-{i}.json"))
+                               self.dirs.log, self.dirs.dir, prepared)
             watch = Watch(group, refs, self.attempt, self._heartbeat, cfg.watchdog.timeout_s,
                           cfg.watchdog.startup_timeout_s, on_poll=self.sync.pull if self.sync else None, say=_say)
             evidence = watch.run()

@@ -174,3 +174,21 @@ def test_ctrl_c_saves_at_an_agreed_step_and_the_command_resumes_there(tmp_path, 
     summary = _summary(again, again.finish())
     assert summary["resumed_from_step"] == step and summary["lost_steps"] == 0
     assert summary["params_digest"] == reference["params_digest"]
+
+
+def test_restart_with_host_local_run_dirs_syncs_each_line_once(tmp_path, reference):
+    """The cloud layout (hosts keep their own run dirs, synced back through Ray) across a restart: nothing of
+    the first attempt is synced twice, so the ledger and the events stay true."""
+    run_dir = str(tmp_path / "local-dirs")
+    chaos = Chaos(run_dir, "run.name=ldirs", f"run.dir={run_dir}", *RUN, *FAST, "cluster.shared_run_dir=false",
+                  f"cluster.host_run_root={tmp_path / 'vm-disks'}")
+    chaos.signal_host(1, signal.SIGKILL, attempt=0, step=12)
+    summary = _summary(chaos, chaos.finish())
+    assert summary["params_digest"] == reference["params_digest"]
+    assert summary["restarts"] == {"crash": 1, "total": 1}
+    events = read_jsonl(os.path.join(run_dir, "events.jsonl"))
+    starts = [(e["host"], e["attempt"]) for e in events if e["event"] == "process_start"]
+    assert sorted(starts) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    ledger = read_jsonl(os.path.join(run_dir, "goodput.jsonl"))
+    steps = [(r["attempt"], r["from"], r["to"]) for r in ledger if r["kind"] == "steps"]
+    assert len(steps) == len(set(steps))
