@@ -6,6 +6,7 @@ Examples:
   python -m launcher +cluster=local cluster.hosts=4 cluster.devices_per_host=4
   python -m launcher --cfg model=tiny                  # print the composed config and exit
 """
+import signal
 import sys
 import time
 
@@ -50,6 +51,9 @@ def _run_as_job(cfg, argv) -> int:
 
 def main(argv=None) -> int:
     started_at = _process_start_time()
+    # Ctrl-C must reach us even when started from a shell that ignores SIGINT for background jobs (`cmd &`,
+    # CI runners): it is how a user stops a run with a checkpoint, or detaches from a live one.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
