@@ -282,10 +282,9 @@ def test_preempted_tpu_node_is_reprovisioned_and_the_run_resumes_exactly(tpu_clo
 
     client = storage.Client(project="test")
 
-    def saved(step):  # the checkpoint is committed in the bucket (orbax's marker on GCS)
-        prefix = f"pre/runs/pre/checkpoints/{step}/"
-        return any(b.name.endswith("commit_success.txt") for b in client.list_blobs(gcs_emulator.bucket,
-                                                                                      prefix=prefix))
+    def saved(step):  # the checkpoint is committed in the bucket: orbax's step-level marker on GCS (each item
+        # directory, e.g. state/, gets its own marker earlier; the step is restorable only once this one exists)
+        return client.bucket(gcs_emulator.bucket).blob(f"pre/runs/pre/checkpoints/{step}/commit_success.txt").exists()
 
     assert cli.pump_until(lambda: saved(8) or cli.proc.poll() is not None, timeout=300), "no checkpoint 8"
     assert cli.proc.poll() is None, "the run ended before it could be preempted"
