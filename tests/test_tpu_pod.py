@@ -1,8 +1,10 @@
 """Integration: `+cluster=v4-32` end to end through our Cloud TPU API server, with the real google-cloud-tpu client.
 
-The server provisions the queued resource; when its node turns READY, the hosts boot as local Ray nodes that
-read the head address from the node's metadata and advertise what a v4-32 TPU VM does (the bootstrap's job);
-on delete they go away. The launcher sees only the API and Ray.
+The server provisions the queued resource; when its node turns READY, each host boots as a TPU VM would
+(tests/tpu_vm.py): bash runs the node metadata's real `startup-script` (cluster/bootstrap.py), which reads the
+head address from a local metadata server, fetches the staged wheel from the bucket (the GCS emulator) and
+`ray start`s a local Ray node advertising what a v4-32 TPU VM does; on delete or preemption the host's
+processes are killed. The launcher sees only the API and Ray.
 """
 import os
 import queue
@@ -19,61 +21,11 @@ from google.cloud import storage
 from ray.cluster_utils import Cluster
 
 from cluster import catalog
-from cluster.bootstrap import HEAD_ADDRESS_ATTR, HEAD_PORT_ATTR
-from cluster.local import cpu_host_env
-from cluster.slice import catalog_slice
 from podutil import ROOT, TINY, explain, launch, read_json, read_jsonl
 from tpu_api_server import TpuApiServer
+from tpu_vm import BootedHosts
 
 pytestmark = pytest.mark.integration
-
-
-class BootedHosts:
-    """Boots a READY node's hosts into the Ray cluster named in its metadata; removes them on delete.
-
-    The API server calls back from its own thread; Ray nodes are added and removed on the test's main
-    thread (Ray requires it), in `pump()`.
-    """
-
-    def __init__(self, cluster: Cluster, node_ip: str = None):
-        self.cluster, self.nodes, self.lock = cluster, {}, threading.Lock()
-        self.node_ip = {"node_ip_address": node_ip} if node_ip else {}
-        self.errors, self.todo = [], queue.Queue()
-
-    def on_ready(self, node: dict) -> None:
-        self.todo.put((self._boot, node))
-
-    def on_delete(self, node: dict) -> None:
-        self.todo.put((self._remove, node))
-
-    def pump(self) -> None:
-        while not self.todo.empty():
-            fn, node = self.todo.get()
-            fn(node)
-
-    def _boot(self, node: dict) -> None:
-        try:
-            md = node.get("metadata", {})
-            head = f"{md[HEAD_ADDRESS_ATTR]}:{md[HEAD_PORT_ATTR]}"
-            assert head == self.cluster.address, (head, self.cluster.address)
-            name = node["name"].rsplit("/", 1)[-1]
-            spec = catalog_slice(name, catalog.lookup(node["acceleratorType"]))
-            assert len(node["networkEndpoints"]) == spec.hosts
-            booted = [self.cluster.add_node(num_cpus=1, resources=spec.host_resources(i),
-                                            labels=spec.host_labels(i), env_vars=cpu_host_env(spec, i),
-                                            object_store_memory=80 * 1024 * 1024, **self.node_ip)
-                      for i in range(spec.hosts)]
-            with self.lock:
-                self.nodes[name] = booted
-        except Exception as e:  # noqa: BLE001 - reported by the test
-            self.errors.append(repr(e))
-
-    def _remove(self, node: dict) -> None:
-        name = node["name"].rsplit("/", 1)[-1]
-        with self.lock:
-            booted = self.nodes.pop(name, [])
-        for n in booted:
-            self.cluster.remove_node(n, allow_graceful=False)
 
 
 class Cli:
@@ -119,7 +71,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def tpu_cloud(gcs_emulator):
+def tpu_cloud(gcs_emulator, tmp_path):
     """A Ray head with its job server (the cloud head VM's role), our TPU API server, and booted hosts."""
     port = _free_port()
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -127,13 +79,14 @@ def tpu_cloud(gcs_emulator):
         "dashboard_agent_listen_port": _free_port(),  # not the default: other heads may run on this machine
         "object_store_memory": 80 * 1024 * 1024})
     cluster.dashboard_port = port
-    hosts = BootedHosts(cluster)
+    hosts = BootedHosts(cluster, tmp_path / "tpu-vms")
     server = TpuApiServer(tick_s=0.2, on_ready=hosts.on_ready, on_delete=hosts.on_delete)
     server.start()
     try:
         yield cluster, server, hosts
     finally:
         server.stop()
+        hosts.close()
         cluster.shutdown()
 
 
@@ -160,6 +113,12 @@ def test_v4_32_launch_through_tpu_api(tpu_cloud, tmp_path, corpus_cache, gcs_emu
     assert node["runtimeVersion"] == catalog.lookup("v4-32").default_runtime_version
     assert server.count("DELETE", "queuedResources/cloud-v4-qr") == 1
     assert not server.queued_resources and not hosts.nodes
+    # Each TPU VM booted by running the node's startup script (tests/tpu_vm.py): the wheel fetched from the
+    # bucket with the VM's token and pip-installed, the TPU host cleaned, `ray start` against the head; on
+    # delete every process of the VM went.
+    assert len(hosts.booted) == 4 and all(h.proc.returncode == 0 for h in hosts.booted)
+    assert [p for h in hosts.booted for p in h.check(cluster.address)] == []
+    assert all(h.gone for h in hosts.booted)
     assert "ACTIVE" in proc.stdout
     # TPU VMs share no disk with the supervisor: each wrote a host-local run dir, synced back through Ray.
     for host in range(4):
@@ -188,13 +147,15 @@ def test_v4_32_launch_through_tpu_api(tpu_cloud, tmp_path, corpus_cache, gcs_emu
     assert blob.exists()
 
 
-def test_detach_and_reattach_to_the_supervisor_job(tpu_cloud, tmp_path, corpus_cache):
+def test_detach_and_reattach_to_the_supervisor_job(tpu_cloud, tmp_path, corpus_cache, gcs_emulator):
     """Ctrl-C detaches the terminal but the run goes on as a Ray job; the same command again follows it."""
     cluster, server, hosts = tpu_cloud
     args = ["+cluster=v4-8", "run.name=detach", f"run.dir={tmp_path / 'detach'}", *TINY, "trainer.steps=6",
             "checkpoint.every=6", "cluster.project=test-project", f"cluster.tpu_api_endpoint={server.url}",
             f"ray.address={cluster.address}", f"ray.dashboard_port={cluster.dashboard_port}",
-            "launcher.preflight=false"]
+            # the bucket holds the wheel the TPU VM's startup script installs before it joins the head
+            f"cluster.bucket=gs://{gcs_emulator.bucket}/detach", f"cluster.host_run_root={tmp_path}/vm-disks",
+            "checkpoint.ocdbt=false", "launcher.preflight=false"]
     first = Cli(hosts, *args)
     assert first.pump_until(lambda: any("Ctrl-C detaches" in line for line in first.out), timeout=120)
     first.proc.send_signal(signal.SIGINT)
@@ -207,6 +168,7 @@ def test_detach_and_reattach_to_the_supervisor_job(tpu_cloud, tmp_path, corpus_c
     assert server.count("POST", "queuedResources") == 1
     summary = read_json(os.path.join(tmp_path, "detach", "summary.json"))
     assert summary["status"] == "completed" and summary["final_step"] == 6 and summary["hosts"] == 1
+    assert not hosts.errors
 
 
 def test_cloud_run_creates_and_deletes_its_ray_head_vm(gcs_emulator, tmp_path, corpus_cache):
@@ -224,7 +186,7 @@ def test_cloud_run_creates_and_deletes_its_ray_head_vm(gcs_emulator, tmp_path, c
             "include_dashboard": True, "dashboard_host": "0.0.0.0", "dashboard_port": dash_port,
             "dashboard_agent_listen_port": _free_port(),
             "object_store_memory": 80 * 1024 * 1024})
-        state["hosts"] = BootedHosts(state["head"])
+        state["hosts"] = BootedHosts(state["head"], tmp_path / "tpu-vms")
         state["server"].on_ready, state["server"].on_delete = state["hosts"].on_ready, state["hosts"].on_delete
 
     class Pump:  # quacks like BootedHosts for Cli: runs head boots, then host boots, on this thread
@@ -247,7 +209,8 @@ def test_cloud_run_creates_and_deletes_its_ray_head_vm(gcs_emulator, tmp_path, c
                    f"cluster.tpu_api_endpoint={state['server'].url}",
                    f"cluster.compute_api_endpoint={compute.url}", f"cluster.bucket=gs://{gcs_emulator.bucket}/hl",
                    f"ray.port={ray_port}", f"ray.dashboard_port={dash_port}", "launcher.preflight=false").finish()
-        assert proc.returncode == 0, explain(proc)
+        boot_errors = state["hosts"].errors if "hosts" in state else None
+        assert proc.returncode == 0, explain(proc) + f"\nboot errors: {boot_errors}"
         summary = read_json(run_dir / "summary.json")
         assert summary["status"] == "completed" and summary["final_step"] == 2
         insert = compute.insert_bodies[0]
@@ -257,6 +220,8 @@ def test_cloud_run_creates_and_deletes_its_ray_head_vm(gcs_emulator, tmp_path, c
     finally:
         state["server"].stop()
         compute.stop()
+        if "hosts" in state:
+            state["hosts"].close()
         if "head" in state:
             state["head"].shutdown()
 

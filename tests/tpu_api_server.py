@@ -17,7 +17,9 @@ State machine (wall-clock, driven by a background ticker, `tick_s` seconds per s
 queued resource walks through `qr_states` (default ACCEPTED -> WAITING_FOR_RESOURCES -> PROVISIONING
 -> ACTIVE). Its nodes (one per slice: `nodeId`, or `<nodeIdPrefix or qr id>-<i>` for multislice)
 appear as CREATING when it enters PROVISIONING and turn READY, with one `networkEndpoints` entry per
-host (127.0.0.1:8470), when it enters ACTIVE; `on_ready(node)` fires once per node then.
+host (127.0.0.1:8470), when it enters ACTIVE; `on_ready(node)` fires once per node then. (tests/tpu_vm.py's
+`BootedHosts` takes these callbacks: it boots the node's hosts by running its metadata's `startup-script`, and
+kills them on delete or, wired to `on_preempt`, on preemption.)
 The create operation is done `create_op_ticks` ticks after the request (default 0: at once).
 A delete (force=true needed while nodes exist, as in the real API) puts the resource and its nodes
 in DELETING and removes them one tick later, calling `on_delete(node)`; its operation is done then.
