@@ -34,6 +34,15 @@ def gcs_emulator():
         emulator.stop()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_gcs_after_each_test(request):
+    """The emulator rewrites an index of every object on each write (quadratic as objects pile up): empty it
+    after each test that used it, so one test's objects never slow down the next."""
+    yield
+    if "gcs_emulator" in request.fixturenames:
+        request.getfixturevalue("gcs_emulator").wipe()
+
+
 @pytest.fixture(scope="session")
 def corpus_cache(tmp_path_factory):
     """A session-wide cache for the embedded corpus, so it is prepared once per test session."""

@@ -34,6 +34,11 @@ class GCSEmulator:
         self.url = f"http://127.0.0.1:{self.port}"
         return self.url
 
+    def wipe(self) -> None:
+        """Delete every object (the default bucket stays)."""
+        if self._server is not None:
+            self._server.wipe(keep_buckets=True)
+
     def stop(self) -> None:
         if self._server is not None:
             self._server.stop()
