@@ -283,26 +283,3 @@ class Pod:
 def _slice_hosts(spec: SliceSpec) -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive") and spec.name in n.get("Resources", {}))
 
-
-def wait_for_exit(refs, poll_s: float = 0.5, on_poll=None) -> Dict[int, int]:
-    """Wait until all hosts exit or one fails; returns {process_id: exit code} of those that exited.
-
-    A host that dies with its node (preemption) shows as exit code -9.
-    """
-    pending = dict(enumerate(refs))
-    codes: Dict[int, int] = {}
-    while pending:
-        ready, _ = ray.wait(list(pending.values()), num_returns=1, timeout=poll_s)
-        for ref in ready:
-            i = next(k for k, v in pending.items() if v == ref)
-            del pending[i]
-            try:
-                codes[i] = int(ray.get(ref))
-            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
-                    ray.exceptions.NodeDiedError):
-                codes[i] = -9
-        if on_poll is not None:
-            on_poll()
-        if any(c != 0 for c in codes.values()):
-            break
-    return codes
