@@ -107,11 +107,15 @@ class ClusterConfig:
     head_image: str = "projects/debian-cloud/global/images/family/debian-12"  # its Python must match the TPU VMs'
     shared_run_dir: Optional[bool] = None  # hosts see run.dir (null: true for local, false for gcp: synced)
     host_run_root: str = "/tmp/tpu-launcher/runs"  # host-local run dirs when not shared
+    head_external_ip: bool = True  # the head VM gets an external IP (reached over SSH only); false inside the VPC
+    ssh_user: str = "tpu-launcher"  # the user of the run's SSH key pair on the head VM (the tunnel to its job server)
+    secret_manager_endpoint: Optional[str] = None  # Secret Manager API override (tests), for the run's Ray token
 
 
 @dataclass
 class RayConfig:
     address: Optional[str] = None  # attach to an existing Ray cluster; cloud runs without one create a head VM
+    auth_token_file: Optional[str] = None  # that cluster's Ray token (null: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH)
     port: int = 6379  # the head VM's Ray port
     dashboard: bool = False
     dashboard_port: int = 8265  # the head's job server, for cloud runs supervised as a Ray job
