@@ -1,25 +1,24 @@
 """Check a composed config before anything is provisioned or written; each problem is one UserError.
 
-Also resolves what the rest of the launch needs: the absolute run dir, the data location (preparing the
-embedded corpus on first use), the mesh sizes and the slice to run on.
+The allowed values of every key are in launcher/ranges.py (check_ranges, right after check_run). Also resolves
+what the rest of the launch needs: the absolute run dir, the data location (preparing the embedded corpus on
+first use), the mesh sizes and the slice to run on.
 """
 import os
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from cluster import catalog
 from cluster.cloud import cloud_slice_name
 from cluster.slice import SliceSpec, catalog_slice, local_slice, slice_name_for
 from launcher.errors import UserError
+from launcher.ranges import COMPARE, RANGES, RELATIONS, show
 from trainer.data import DataError, ensure_default_corpus, read_manifest
 from trainer.mesh_shape import resolve_mesh_shape
 
-PROVIDERS = ("local", "gcp")
-CAPACITIES = ("on_demand", "spot", "reserved")
-DTYPES = ("float32", "bfloat16")
-POSITIONS = ("rotary", "learned")
+_ABSENT = object()
 
 
 @dataclass
@@ -33,12 +32,11 @@ class Plan:
     slices: List[SliceSpec] = field(default_factory=list)  # one per slice; JAX process = slice x hosts + worker
 
 
-def _positive(cfg: DictConfig, *keys: str, allow_zero=()):
+def _positive(cfg: DictConfig, *keys: str):
     for key in keys:
         value = _get(cfg, key)
-        lowest = 0 if key in allow_zero else 1
-        if value is None or value < lowest:
-            raise UserError(key, f"must be an integer >= {lowest}, got {value}", f"set {key}={max(lowest, 1)}")
+        if value is None or value < 1:
+            raise UserError(key, f"must be an integer >= 1, got {value}", f"set {key}=1")
 
 
 def _get(cfg: DictConfig, key: str):
@@ -65,15 +63,28 @@ def check_run(cfg: DictConfig) -> None:
         raise UserError("run.dir", f"{probe} is not a writable directory", "choose a writable run.dir")
 
 
+def check_ranges(cfg: DictConfig) -> None:
+    """Every key against its range in launcher/ranges.py (numbers, choices, names, URLs), then the RELATIONS
+    between keys; needs nothing but the config, so a bad value never costs preparing the corpus."""
+    for key, allowed in RANGES.items():
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is _ABSENT:
+            continue
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value)
+        error = allowed.error(key, value)
+        if error:
+            raise UserError(key, *error)
+    for key, op, other in RELATIONS:
+        value, bound = OmegaConf.select(cfg, key), OmegaConf.select(cfg, other)
+        if value is not None and bound is not None and not COMPARE[op](value, bound):
+            raise UserError(key, f"must be {op} {other} = {show(bound)}, got {show(value)}",
+                            f"change {key} or {other}")
+
+
 def check_cluster(cfg: DictConfig):
     """The slice to run on (from the catalog when cluster.accelerator_type is set) and the catalog entry."""
-    c = cfg.cluster
-    if c.provider not in PROVIDERS:
-        raise UserError("cluster.provider", f"unknown provider '{c.provider}'",
-                        f"choose one of: {', '.join(PROVIDERS)}")
-    _positive(cfg, "cluster.num_slices", "cluster.cpus_per_host", allow_zero=("cluster.cpus_per_host",))
-    if c.capacity not in CAPACITIES:
-        raise UserError("cluster.capacity", f"unknown capacity '{c.capacity}'", f"choose one of: {', '.join(CAPACITIES)}")
+    c = cfg.cluster  # provider, capacity, num_slices and cpus_per_host: check_ranges
     name = c.slice_name or (cloud_slice_name(cfg.run.name) if c.provider == "gcp" else slice_name_for(cfg.run.name))
     if not c.accelerator_type:
         if c.provider != "local":
@@ -130,13 +141,7 @@ def check_mesh(cfg: DictConfig, devices: int) -> Dict[str, int]:
 
 
 def check_model(cfg: DictConfig, mesh: Dict[str, int]) -> None:
-    m = cfg.model
-    _positive(cfg, "model.d_model", "model.n_layers", "model.n_heads", "model.d_ff", "model.vocab_size",
-              "model.seq_len", "model.max_seq_len")
-    if m.dtype not in DTYPES:
-        raise UserError("model.dtype", f"unknown dtype '{m.dtype}'", f"choose one of: {', '.join(DTYPES)}")
-    if m.positions not in POSITIONS:
-        raise UserError("model.positions", f"unknown '{m.positions}'", f"choose one of: {', '.join(POSITIONS)}")
+    m = cfg.model  # sizes >= 1, dtype and positions: check_ranges
     if m.seq_len > m.max_seq_len:
         raise UserError("model.seq_len", f"{m.seq_len} is above the model's maximum model.max_seq_len="
                         f"{m.max_seq_len}", f"lower model.seq_len to <= {m.max_seq_len} or raise model.max_seq_len")
@@ -156,9 +161,6 @@ def check_model(cfg: DictConfig, mesh: Dict[str, int]) -> None:
 
 
 def check_trainer(cfg: DictConfig, mesh: Dict[str, int]) -> None:
-    _positive(cfg, "trainer.steps", "trainer.batch_size", "trainer.log_every", "trainer.eval_batches",
-              "trainer.init_timeout_s", "checkpoint.every", "checkpoint.keep", "trainer.eval_every",
-              allow_zero=("trainer.eval_every",))
     shards = mesh.get("dcn", 1) * mesh["data"] * mesh["fsdp"]
     axes = "dcn x data x fsdp" if "dcn" in mesh else "data x fsdp"
     if cfg.trainer.batch_size % shards:
@@ -220,6 +222,7 @@ def check_checkpoint_dir(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig) -> Plan:
     """Checks in the order a user would fix them; mutates cfg only to make paths absolute/resolved."""
     check_run(cfg)
+    check_ranges(cfg)
     with open_dict(cfg):
         cfg.run.dir = os.path.abspath(os.path.expanduser(cfg.run.dir))
     spec, tpu = check_cluster(cfg)
