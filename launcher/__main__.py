@@ -49,6 +49,29 @@ def _run_as_job(cfg, argv) -> int:
     return code
 
 
+def _use_run_token(cfg) -> None:
+    """Ray token auth for this launch (launcher/auth.py), set up before Ray is imported: the run's own token for a
+    cluster we create (kept in the run's record), the user's for one they named with `ray.address` (checked
+    against that cluster first). A local pod, or a cluster on this machine's loopback, is reached on loopback."""
+    import os
+    from urllib.parse import urlsplit
+
+    from cluster.local import LOOPBACK_ENV
+    from launcher import auth
+
+    local = cfg.cluster.provider == "local" and not cfg.ray.address
+    if cfg.ray.address:
+        host = urlsplit("//" + str(cfg.ray.address).split("://")[-1]).hostname or ""
+        local = host in ("127.0.0.1", "localhost", "::1")
+        if local:
+            os.environ.update(LOOPBACK_ENV)
+        auth.check_user_cluster(str(cfg.ray.address), cfg.ray.auth_token_file)
+        return
+    auth.use_token_file(auth.run_token_file(cfg.run.dir))
+    if local:
+        os.environ.update(LOOPBACK_ENV)
+
+
 def main(argv=None) -> int:
     started_at = _process_start_time()
     # Ctrl-C must reach us even when started from a shell that ignores SIGINT for background jobs (`cmd &`,
@@ -74,8 +97,6 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    from launcher.supervisor import launch
-
     try:
         if cfg.launcher.dry_run or (cfg.cluster.provider != "local" and cfg.launcher.preflight):
             from launcher import plan as planning
@@ -87,6 +108,9 @@ def main(argv=None) -> int:
                 print(f"[launcher] dry run: nothing created; plan in {cfg.run.dir}/plan.json")
                 return 0
             planning.refuse_if_unfit(p)
+        _use_run_token(cfg)  # before Ray is imported: it reads the auth mode once
+        from launcher.supervisor import launch
+
         if cfg.cluster.provider != "local" and cfg.launcher.submit and not cfg.launcher.in_job:
             return _run_as_job(cfg, argv)
         return launch(cfg, plan, started_at)

@@ -31,13 +31,13 @@ def _ephemeral_low() -> int:
         return 32768
 
 
-def coordinator_port(rng: Optional[random.Random] = None) -> int:
+def coordinator_port(rng: Optional[random.Random] = None, host: str = "") -> int:
     """A free port for the JAX coordinator, if this host is worker 0.
 
     Taken below the kernel's ephemeral range (and above Ray's worker ports, 10002-19999): a port from bind(0)
     is free now but may be handed to another process's outgoing connection in the seconds before the trainer
     binds it ("Failed to add port to server"); a port outside that range is never handed out implicitly.
-    The coordinator listens on every interface, so the port is checked there.
+    The coordinator listens on `host` (the node's address) only, so the port is checked there.
     """
     rng = rng or random.SystemRandom()
     low, high = 20000, _ephemeral_low() - 1
@@ -46,8 +46,9 @@ def coordinator_port(rng: Optional[random.Random] = None) -> int:
     for _ in range(200):
         port = rng.randint(low, high)
         try:
-            with socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET) as s:
-                s.bind(("", port))
+            with socket.socket(socket.AF_INET6 if ":" in host or (not host and socket.has_ipv6)
+                               else socket.AF_INET) as s:
+                s.bind((host, port))
             return port
         except OSError:
             continue
@@ -65,7 +66,7 @@ class HostActor:
 
     def info(self) -> Dict:
         ip = ray.util.get_node_ip_address()
-        return {"worker_id": int(os.environ.get("TPU_WORKER_ID", "-1")), "ip": ip, "port": coordinator_port(),
+        return {"worker_id": int(os.environ.get("TPU_WORKER_ID", "-1")), "ip": ip, "port": coordinator_port(host=ip),
                 "hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
                 "actor_pid": os.getpid()}
 
@@ -144,7 +145,7 @@ class HostActor:
             return False
 
     def fresh_port(self) -> int:
-        return coordinator_port()
+        return coordinator_port(host=ray.util.get_node_ip_address())
 
     def pull(self, root: str, offsets: Dict[str, int]):
         """New bytes of this host's run-directory files (see launcher/runsync.py)."""

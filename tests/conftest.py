@@ -8,6 +8,26 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+def _session_ray_token() -> str:
+    """Every Ray cluster a test starts in this process (and the CLI attaches to with ray.address) uses one token,
+    set before Ray is imported (Ray reads the auth mode once per process). Local pods the CLI starts make their
+    own per-run token."""
+    import secrets
+    import tempfile
+
+    path = os.path.join(tempfile.mkdtemp(prefix="ray-test-auth-"), "token")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, secrets.token_hex(32).encode())
+    os.close(fd)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = path
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    return path
+
+
+SESSION_RAY_TOKEN_FILE = _session_ray_token()
+
+
 @pytest.fixture(scope="session")
 def gcs_emulator():
     """An in-memory GCS emulator for the session, with the env vars clients need pointing at it.

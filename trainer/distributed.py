@@ -48,8 +48,12 @@ def initialize(coordinator: str, num_processes: int, process_id: int, timeout_s:
     if int(process_id) != 0:
         wait_for_coordinator(coordinator, float(timeout_s))
     remaining = max(1, int(timeout_s - (time.time() - t0)))
+    # Host 0 serves the coordinator on the address the others dial (loopback on a local pod, the TPU VM's
+    # internal address in the cloud), not on every interface, which is jax's default.
+    bind = coordinator if int(process_id) == 0 else None
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=int(num_processes),
-                               process_id=int(process_id), initialization_timeout=remaining)
+                               process_id=int(process_id), initialization_timeout=remaining,
+                               coordinator_bind_address=bind)
     return time.time() - t0
 
 

@@ -1,0 +1,137 @@
+"""The run's Ray token: made once per run, kept 0600 in the run's record, given to Ray through env vars only.
+
+Ray 2.60 token auth (`RAY_AUTH_MODE=token`, `RAY_AUTH_TOKEN_PATH`) guards every gRPC port and the dashboard's
+HTTP API (the job server). Each cluster the launcher creates gets the run's own token: the local pod's head and
+nodes inherit it from this process's environment, and cloud VMs fetch it from Secret Manager
+(`cluster/secrets.py`). A cluster the user names with `ray.address` is joined with the token the user supplies.
+The token itself is never printed, logged, or written anywhere but its own file (and Secret Manager).
+"""
+import os
+import secrets
+from typing import Optional, Tuple
+
+from cluster.secrets import write_token_file
+from launcher.errors import UserError
+
+RECORD_DIR = "auth"  # ${run.dir}/auth, mode 0700: the run's token, SSH key pair and pinned head host key
+TOKEN_FILE = "ray_token"
+MODE_ENV, TOKEN_ENV, TOKEN_PATH_ENV = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+
+
+def record_dir(run_dir: str) -> str:
+    """`${run.dir}/auth`, created with mode 0700 (and tightened to it if it existed looser)."""
+    path = os.path.join(os.path.abspath(run_dir), RECORD_DIR)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def run_token_file(run_dir: str) -> str:
+    """The run's token file, made on first use (256 random bits) and reused by every later launch of the run."""
+    path = os.path.join(record_dir(run_dir), TOKEN_FILE)
+    if not os.path.exists(path) or not read_token(path):
+        write_token_file(path, secrets.token_hex(32))
+    os.chmod(path, 0o600)
+    return path
+
+
+def read_token(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def use_token_file(path: str) -> None:
+    """Point this process (and every Ray process it starts) at the token in `path`."""
+    os.environ[MODE_ENV] = "token"
+    os.environ[TOKEN_PATH_ENV] = os.path.abspath(path)
+    os.environ.pop(TOKEN_ENV, None)  # would take precedence over the file
+
+
+def user_token(token_file: Optional[str]) -> Tuple[str, str]:
+    """(token, where it came from) for a cluster the user named (`ray.address`): `ray.auth_token_file`, else
+    RAY_AUTH_TOKEN, else RAY_AUTH_TOKEN_PATH, else Ray's default ~/.ray/auth_token. UserError if none."""
+    candidates = []
+    if token_file:
+        candidates.append(("ray.auth_token_file", os.path.expanduser(str(token_file)), True))
+    if os.environ.get(TOKEN_ENV, "").strip():
+        return os.environ[TOKEN_ENV].strip(), TOKEN_ENV
+    if os.environ.get(TOKEN_PATH_ENV):
+        candidates.append((TOKEN_PATH_ENV, os.environ[TOKEN_PATH_ENV], True))
+    candidates.append(("~/.ray/auth_token", os.path.expanduser("~/.ray/auth_token"), False))
+    for source, path, required in candidates:
+        try:
+            token = read_token(path)
+        except OSError as e:
+            if required:
+                key = "ray.auth_token_file" if source == "ray.auth_token_file" else "ray.address"
+                raise UserError(key, f"cannot read the Ray token file {path} ({source}): {e.strerror}",
+                                "point it at the cluster's token file") from None
+            continue
+        if token:
+            return token, source
+    raise UserError("ray.auth_token_file", "no Ray token for the cluster at ray.address (the launcher joins only "
+                    "clusters with token authentication)", "start that cluster with RAY_AUTH_MODE=token and set "
+                    "RAY_AUTH_TOKEN_PATH or ray.auth_token_file to its token file")
+
+
+def use_user_token(token_file: Optional[str]) -> str:
+    """Set this process up to join the user's cluster with the token they supplied; returns its source."""
+    token, source = user_token(token_file)
+    os.environ[MODE_ENV] = "token"
+    if source != TOKEN_ENV:
+        path = os.path.expanduser(str(token_file)) if source == "ray.auth_token_file" else \
+            os.environ.get(TOKEN_PATH_ENV) or os.path.expanduser("~/.ray/auth_token")
+        os.environ[TOKEN_PATH_ENV] = os.path.abspath(path)
+    del token
+    return source
+
+
+def refused(address: str, source: str) -> UserError:
+    """The one line for a cluster that refused our token."""
+    return UserError("ray.address", f"the Ray cluster at {address} refused the token from {source}",
+                     "use that cluster's token: set RAY_AUTH_TOKEN_PATH or ray.auth_token_file to its token file")
+
+
+def is_auth_error(exc: BaseException) -> bool:
+    """Whether `exc` (from ray.init or the job client) is Ray refusing our token."""
+    from ray.exceptions import AuthenticationError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, AuthenticationError):
+            return True
+        text = str(exc)
+        if "authentication token is invalid" in text or "Unauthenticated" in text or "401" in text[:200]:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def probe(address: str, token: str, timeout_s: float = 10.0) -> str:
+    """Ask the cluster's GCS at `address` (host:port) whether it accepts `token`: "ok", "refused" or
+    "unreachable". One plain gRPC call (GetClusterId, an empty request) with the token as Ray sends it, so a
+    refusal is told apart from a cluster that is not up, which `ray.init` reports alike after ~20 s of retries."""
+    import grpc
+
+    channel = grpc.insecure_channel(address)
+    try:
+        call = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId",
+                                   request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        call(b"", timeout=timeout_s, metadata=(("authorization", f"Bearer {token}"),), wait_for_ready=True)
+        return "ok"
+    except grpc.RpcError as e:
+        return "refused" if e.code() == grpc.StatusCode.UNAUTHENTICATED else "unreachable"
+    finally:
+        channel.close()
+
+
+def check_user_cluster(address: str, token_file: Optional[str]) -> str:
+    """Before anything is provisioned: the user's cluster at `ray.address` accepts the token they supplied.
+    Sets this process up to use it and returns its source; UserError (one line) if it is refused."""
+    token, source = user_token(token_file)
+    verdict = probe(address.split("://")[-1], token)
+    if verdict == "refused":
+        raise refused(address, source)
+    use_user_token(token_file)
+    return source
