@@ -1,35 +1,68 @@
 """TPU VM startup script: install the run's wheel, clean the TPU host, and join the run's Ray cluster.
 
-The script goes into node metadata as `startup-script`. It holds no credentials: the wheel is fetched
-with the VM service account's short-lived token from the metadata server (gs:// URLs) or plainly
-(http(s):// URLs). The Ray head address and port are read at every boot from the instance metadata
-attributes `ray-head-address` / `ray-head-port` (so a moved head needs only a metadata update), with
-the values given here as fallbacks.
+The script goes into node metadata as `startup-script`. It holds no credentials: the wheel and its
+hash-locked requirements (launcher/wheel.py: `Staged`) are fetched with the VM service account's
+short-lived token from the metadata server (gs:// URLs) or plainly (http(s):// URLs), and each is refused,
+before anything is installed, unless its sha256 is the one baked into the script at staging. pip then
+installs exactly the lock (`--require-hashes --no-deps`) and the wheel (`--no-deps`). The Ray head
+address and port are read at every boot from the instance metadata attributes `ray-head-address` /
+`ray-head-port` (so a moved head needs only a metadata update), with the values given here as fallbacks.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 
 METADATA_URL = "http://metadata.google.internal/computeMetadata/v1/instance"
 HEAD_ADDRESS_ATTR, HEAD_PORT_ATTR = "ray-head-address", "ray-head-port"
 
-# Fetch $WHEEL_URL into $WHEEL: gs:// with the VM service account's short-lived token from the metadata
-# server ($MD), so no script holds credentials; http(s):// plainly. Shared by the TPU VM and head VM scripts.
-FETCH_WHEEL = r"""case "$WHEEL_URL" in
-  gs://*)
-    path="${WHEEL_URL#gs://}"
-    bucket="${path%%/*}"
-    object="$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "${path#*/}")"
-    token="$(curl -sf -H "Metadata-Flavor: Google" "$MD/service-accounts/default/token" \
-      | python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])')"
-    curl -sf --retry 5 -H "Authorization: Bearer $token" -o "$WHEEL" \
-      "https://storage.googleapis.com/storage/v1/b/$bucket/o/$object?alt=media"
-    unset token
-    ;;
-  *) curl -sf --retry 5 -o "$WHEEL" "$WHEEL_URL" ;;
-esac"""
+# fetch_verified URL FILE SHA256: fetch URL into FILE (gs:// with the VM service account's short-lived token from the
+# metadata server $MD, so no script holds credentials; http(s):// plainly), then refuse it unless its sha256 is the
+# one staged with it: one line to the log ($LOG_TAG) and exit 1, before anything is installed. The one fetch of the
+# TPU VM and head VM scripts.
+FETCH_VERIFIED = r"""fetch_verified() {
+  local url="$1" out="$2" want="$3" path bucket object token got
+  case "$url" in
+    gs://*)
+      path="${url#gs://}"
+      bucket="${path%%/*}"
+      object="$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "${path#*/}")"
+      token="$(curl -sf -H "Metadata-Flavor: Google" "$MD/service-accounts/default/token" \
+        | python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])')" \
+        || { echo "[$LOG_TAG] no service account token from the metadata server to fetch $url"; exit 1; }
+      curl -sf --retry 5 -H "Authorization: Bearer $token" -o "$out" \
+        "https://storage.googleapis.com/storage/v1/b/$bucket/o/$object?alt=media" \
+        || { echo "[$LOG_TAG] could not fetch $url"; exit 1; }
+      unset token
+      ;;
+    *) curl -sf --retry 5 -o "$out" "$url" || { echo "[$LOG_TAG] could not fetch $url"; exit 1; } ;;
+  esac
+  got="$(sha256sum <"$out")"
+  got="${got%% *}"
+  if [ "$got" != "$want" ]; then
+    echo "[$LOG_TAG] refusing $url: sha256 $got does not match the staged $want"
+    rm -f "$out"
+    exit 1
+  fi
+  echo "[$LOG_TAG] fetched $url (sha256 $got)"
+}"""
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def staged_args(staged) -> dict:
+    """The format arguments of the fetch part of a startup script: `fetch_verified` and the staged wheel's and
+    lock's URLs and sha256 (`Staged` from launcher/wheel.py, or anything with those four attributes), quoted."""
+    args = {"fetch_verified": FETCH_VERIFIED}
+    for name in ("wheel_url", "wheel_sha256", "lock_url", "lock_sha256"):
+        value = str(getattr(staged, name, "") or "")
+        if name.endswith("_sha256") and not _SHA256.match(value):
+            raise ValueError(f"{name} must be a sha256 (64 lowercase hex digits), got {value!r}")
+        if not value:
+            raise ValueError(f"{name} is empty")
+        args[name] = shlex.quote(value)
+    return args
 
 _TEMPLATE = r"""#!/bin/bash
 # tpu-pod-launcher bootstrap (generated): install the wheel, clean the TPU host, join the Ray cluster.
@@ -44,13 +77,23 @@ md_attr() {{  # md_attr NAME DEFAULT: an instance metadata attribute, or DEFAULT
 HEAD_ADDRESS="$(md_attr {head_attr} {head_address})"
 RAY_PORT="$(md_attr {port_attr} {ray_port})"
 WHEEL_URL={wheel_url}
+WHEEL_SHA256={wheel_sha256}
+LOCK_URL={lock_url}
+LOCK_SHA256={lock_sha256}
 WORKDIR="${{TPU_LAUNCHER_WORKDIR:-/opt/tpu-launcher}}"
 mkdir -p "$WORKDIR"
 WHEEL="$WORKDIR/$(basename "$WHEEL_URL")"
+LOCK="$WORKDIR/$(basename "$LOCK_URL")"
+LOG_TAG=bootstrap
+{fetch_verified}
 
-# 1. The project wheel from the run's bucket; its dependencies are pinned in the wheel's metadata.
-{fetch_wheel}
-python3 -m pip install --quiet --upgrade-strategy only-if-needed "$WHEEL"{extra_pip}
+# 1. The project wheel and its hash-locked requirements (jax[tpu], ray, ...: every one `name==version --hash`)
+#    from the run's bucket, each refused unless its sha256 is the staged one; then exactly the locked
+#    distributions, each checked against its hash, and the wheel itself, with nothing resolved on the VM.
+fetch_verified "$WHEEL_URL" "$WHEEL" "$WHEEL_SHA256"
+fetch_verified "$LOCK_URL" "$LOCK" "$LOCK_SHA256"
+python3 -m pip install --quiet --require-hashes --no-deps -r "$LOCK"
+python3 -m pip install --quiet --no-deps --force-reinstall "$WHEEL"
 
 # 2. Clean the TPU host: a stale libtpu lock or a leftover process holding the chips blocks the next run.
 ray stop --force || true
@@ -82,18 +125,20 @@ def _ray_labels(labels_json: str) -> str:
     return ",".join(f"{k}={v}" for k, v in labels.items())
 
 
-def startup_script(wheel_url: str, head_address: str, ray_port: int, resources_json: str, labels_json: str,
-                   extra_pip: tuple[str, ...] = ("jax[tpu]==0.10.2",)) -> str:
-    """The bash startup script for the run's TPU VMs (metadata key `startup-script`)."""
+def startup_script(staged, head_address: str, ray_port: int, resources_json: str, labels_json: str) -> str:
+    """The bash startup script for the run's TPU VMs (metadata key `startup-script`).
+
+    `staged` (launcher.wheel.Staged): the wheel and lock to fetch, and the sha256 each must have. jax[tpu] and
+    libtpu come pinned in the lock (pyproject's `tpu` extra), not resolved on the VM.
+    """
     resources = json.loads(resources_json or "{}")
     if not isinstance(resources, dict):
         raise ValueError("resources_json must be a JSON object")
     return _TEMPLATE.format(
-        fetch_wheel=FETCH_WHEEL,
+        **staged_args(staged),
         metadata_url=shlex.quote(METADATA_URL), head_attr=shlex.quote(HEAD_ADDRESS_ATTR),
         port_attr=shlex.quote(HEAD_PORT_ATTR), head_address=shlex.quote(head_address),
-        ray_port=shlex.quote(str(int(ray_port))), wheel_url=shlex.quote(wheel_url),
-        extra_pip="".join(f" {shlex.quote(p)}" for p in extra_pip),
+        ray_port=shlex.quote(str(int(ray_port))),
         resources=shlex.quote(json.dumps(resources, separators=(",", ":"))),
         labels=shlex.quote(_ray_labels(labels_json)),
     )

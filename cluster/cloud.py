@@ -5,7 +5,7 @@ startup script (cluster/bootstrap.py) reads the head's address from node metadat
 launcher then reserves the slice in Ray exactly as for a local pod. Nothing here shells out to gcloud.
 """
 import json
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from cluster.bootstrap import HEAD_ADDRESS_ATTR, HEAD_PORT_ATTR, startup_script
 from cluster.gcp import GcpTpuProvider, make_client, tpu_name
@@ -19,12 +19,13 @@ class CloudProvider:
                  run_name: str, num_slices: int = 1, capacity: str = "on_demand", network: Optional[str] = None,
                  subnetwork: Optional[str] = None, service_account: Optional[str] = None,
                  labels: Optional[Dict[str, str]] = None, endpoint: Optional[str] = None,
-                 wheel_url: Optional[str] = None, timeout_s: float = 3600, poll_s: float = 5.0,
+                 staged: Optional[Any] = None, timeout_s: float = 3600, poll_s: float = 5.0,
                  delete_on_exit: bool = True, progress=print):
         self.spec, self.ray_address, self.run_name = spec, ray_address, run_name
         self.runtime_version, self.num_slices, self.capacity = runtime_version, num_slices, capacity
         self.network, self.subnetwork, self.service_account = network, subnetwork, service_account
-        self.labels, self.wheel_url, self.delete_on_exit = dict(labels or {}), wheel_url, delete_on_exit
+        # staged: launcher.wheel.Staged, the wheel and lock (and their sha256) the TPU VMs' startup script installs
+        self.labels, self.staged, self.delete_on_exit = dict(labels or {}), staged, delete_on_exit
         self.api = GcpTpuProvider(project, zone, client=make_client(endpoint), poll_s=poll_s, timeout_s=timeout_s,
                                   progress=progress)
         self.nodes: List[dict] = []
@@ -32,9 +33,9 @@ class CloudProvider:
     def metadata(self) -> Dict[str, str]:
         host, _, port = self.ray_address.rpartition(":")
         md = {HEAD_ADDRESS_ATTR: host, HEAD_PORT_ATTR: port, "launcher-run": self.run_name}
-        if self.wheel_url:
+        if self.staged:
             md["startup-script"] = startup_script(
-                self.wheel_url, host, int(port), json.dumps({self.spec.name: 1}),
+                self.staged, host, int(port), json.dumps({self.spec.name: 1}),
                 json.dumps({"ray.io/tpu-slice-name": self.spec.name}))
         return md
 

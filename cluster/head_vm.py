@@ -2,7 +2,8 @@
 
 TPU VMs cannot reach a laptop, so a cloud run without `ray.address` gets its own head: a Compute Engine
 instance named `<tpu_name(run)>-head` whose startup script (`head_startup_script`) installs the run's
-wheel into a venv and runs `ray start --head` with the dashboard (job server) on all interfaces.
+wheel and its hash-locked requirements into a venv, each verified by its staged sha256 first, and runs
+`ray start --head` with the dashboard (job server) on all interfaces.
 `HeadVm.ensure` is idempotent: it reuses a live instance (PROVISIONING/STAGING/RUNNING/REPAIRING) and
 deletes a dead one (TERMINATED, STOPPED, SUSPENDED, ...: preempted or stopped) before re-creating it.
 
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 
 from google.api_core import exceptions as gexc
 
-from cluster.bootstrap import FETCH_WHEEL, METADATA_URL
+from cluster.bootstrap import METADATA_URL, staged_args
 from cluster.gcp import CREDENTIALS_HINT, ProvisionError, tpu_name, wait_operation
 
 ALIVE = {"PROVISIONING", "STAGING", "RUNNING", "REPAIRING"}
@@ -73,10 +74,16 @@ echo "[head] $(date -u +%FT%TZ) starting on $(hostname)"
 
 MD={metadata_url}
 WHEEL_URL={wheel_url}
+WHEEL_SHA256={wheel_sha256}
+LOCK_URL={lock_url}
+LOCK_SHA256={lock_sha256}
 WORKDIR="${{TPU_LAUNCHER_WORKDIR:-/opt/tpu-launcher}}"
 VENV="$WORKDIR/venv"
 mkdir -p "$WORKDIR"
 WHEEL="$WORKDIR/$(basename "$WHEEL_URL")"
+LOCK="$WORKDIR/$(basename "$LOCK_URL")"
+LOG_TAG=head
+{fetch_verified}
 
 # 1. A venv (the image's python3 is externally managed, PEP 668); Debian needs python3-venv for it.
 if [ ! -x "$VENV/bin/python" ]; then
@@ -88,9 +95,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 
-# 2. The project wheel from the run's bucket; its dependencies (ray[default], ...) are pinned in its metadata.
-{fetch_wheel}
-"$VENV/bin/python" -m pip install --quiet --upgrade-strategy only-if-needed "$WHEEL"
+# 2. The project wheel and its hash-locked requirements (ray[default], ...) from the run's bucket, each refused
+#    unless its sha256 is the staged one; then exactly the locked distributions (hash-checked) and the wheel.
+fetch_verified "$WHEEL_URL" "$WHEEL" "$WHEEL_SHA256"
+fetch_verified "$LOCK_URL" "$LOCK" "$LOCK_SHA256"
+"$VENV/bin/python" -m pip install --quiet --require-hashes --no-deps -r "$LOCK"
+"$VENV/bin/python" -m pip install --quiet --no-deps --force-reinstall "$WHEEL"
 
 # 3. The Ray head; jobs submitted to its job server run `python -m launcher` from this venv.
 export PATH="$VENV/bin:$PATH"
@@ -101,11 +111,14 @@ echo "[head] $(date -u +%FT%TZ) Ray head up on port {ray_port}, job server on po
 """
 
 
-def head_startup_script(wheel_url: str, ray_port: int = 6379, dashboard_port: int = 8265, num_cpus: int = 0) -> str:
-    """The head VM's bash startup script (metadata key `startup-script`); `num_cpus=0` keeps work off the head."""
+def head_startup_script(staged, ray_port: int = 6379, dashboard_port: int = 8265, num_cpus: int = 0) -> str:
+    """The head VM's bash startup script (metadata key `startup-script`); `num_cpus=0` keeps work off the head.
+
+    `staged` (launcher.wheel.Staged): the wheel and lock to fetch, and the sha256 each must have.
+    """
     return _HEAD_TEMPLATE.format(
-        fetch_wheel=FETCH_WHEEL,
-        metadata_url=shlex.quote(METADATA_URL), wheel_url=shlex.quote(wheel_url),
+        **staged_args(staged),
+        metadata_url=shlex.quote(METADATA_URL),
         ray_port=int(ray_port), dashboard_port=int(dashboard_port), num_cpus=int(num_cpus))
 
 

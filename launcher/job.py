@@ -101,8 +101,8 @@ class HeadForRun:
         from launcher.wheel import stage_wheel
 
         c, ray_cfg = self.cfg.cluster, self.cfg.ray
-        wheel_url = stage_wheel(c.bucket)
-        script = head_startup_script(wheel_url, int(ray_cfg.port), int(ray_cfg.dashboard_port))
+        staged = stage_wheel(c.bucket)
+        script = head_startup_script(staged, int(ray_cfg.port), int(ray_cfg.dashboard_port))
         self.vm.ensure(self.cfg.run.name, script, dict(c.labels))
         info = self.vm.wait_running(self.cfg.run.name)
         internal = f"{info['internal_ip']}:{int(ray_cfg.port)}"

@@ -42,16 +42,17 @@ def _say(msg: str) -> None:
 def _provider(cfg: DictConfig, plan: Plan):
     c = cfg.cluster
     if c.provider == "gcp":
-        wheel_url = None
+        staged = None
         if c.bucket:
             from launcher.wheel import stage_wheel
 
-            wheel_url = stage_wheel(c.bucket)
-            _say(f"project wheel staged at {wheel_url}")
+            staged = stage_wheel(c.bucket)
+            _say(f"project wheel staged at {staged.wheel_url} (sha256 {staged.wheel_sha256[:12]}...), its "
+                 f"hash-locked requirements at {staged.lock_url}")
         return CloudProvider(plan.slice, cfg.ray.address, c.project, c.zone,
                              c.runtime_version or plan.tpu.default_runtime_version, cfg.run.name, plan.num_slices,
                              c.capacity, c.network, c.subnetwork, c.service_account, dict(c.labels),
-                             endpoint=c.tpu_api_endpoint, wheel_url=wheel_url, timeout_s=float(c.provision_timeout_s),
+                             endpoint=c.tpu_api_endpoint, staged=staged, timeout_s=float(c.provision_timeout_s),
                              poll_s=0.5 if c.tpu_api_endpoint else 5.0, delete_on_exit=bool(c.delete_on_exit),
                              progress=_say)
     if cfg.ray.address:

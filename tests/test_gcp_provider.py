@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import subprocess
 import time
 
 import pytest
@@ -253,7 +255,11 @@ case "$*" in
   *attributes/ray-head-address*) printf 10.0.0.5 ;;
   *attributes/*) exit 22 ;;  # attribute not set: the script falls back to the baked-in value
   *service-accounts/default/token*) printf '{"access_token": "tok", "expires_in": 60}' ;;
-  *) while [ $# -gt 0 ]; do [ "$1" = -o ] && : >"$2"; shift; done ;;
+  *) out= url=  # an object: served from $STUB_OBJECTS/<its name>, or empty
+     while [ $# -gt 0 ]; do case "$1" in -o) out="$2"; shift ;; -*) ;; *) url="$1" ;; esac; shift; done
+     name="${url%%\?*}"; name="${name##*%2F}"; name="${name##*/}"
+     if [ -z "$out" ]; then :
+     elif [ -f "${STUB_OBJECTS:-/nonexistent}/$name" ]; then cp "$STUB_OBJECTS/$name" "$out"; else : >"$out"; fi ;;
 esac""",
     "ray": 'echo "ray $*" >>"$STUB_LOG"',
     "rm": 'echo "rm $*" >>"$STUB_LOG"',
@@ -262,11 +268,36 @@ esac""",
 }
 
 
+WHEEL_NAME = "tpu_pod_launcher-0.1.0-py3-none-any.whl"
+WHEEL_BYTES = b"PK\x03\x04 the staged wheel's bytes"
+LOCK_BYTES = b"numpy==2.4.6 --hash=sha256:" + b"ab" * 32 + b"\n"
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def staged():
+    from launcher.wheel import Staged
+
+    return Staged(f"gs://run-bucket/runs/r 1/{WHEEL_NAME}", _sha(WHEEL_BYTES),
+                  "gs://run-bucket/wheels/0123456789ab/requirements.lock", _sha(LOCK_BYTES))
+
+
+def bucket_objects(tmp_path, wheel: bytes = WHEEL_BYTES, lock: bytes = LOCK_BYTES) -> dict:
+    """What the stub curl serves (by object name): the bucket's wheel and lock, maybe not what was staged."""
+    objects = tmp_path / "objects"
+    objects.mkdir(exist_ok=True)
+    (objects / WHEEL_NAME).write_bytes(wheel)
+    (objects / "requirements.lock").write_bytes(lock)
+    return {"STUB_OBJECTS": str(objects), "TPU_LAUNCHER_BOOTSTRAP_LOG": str(tmp_path / "boot.log"),
+            "TPU_LAUNCHER_WORKDIR": str(tmp_path / "work")}
+
+
 def bootstrap_script() -> str:
     from cluster.bootstrap import startup_script
 
-    return startup_script("gs://run-bucket/runs/r 1/tpu_pod_launcher-0.1.0-py3-none-any.whl", "10.0.0.2", 6379,
-                          '{"launcher-host": 1}', '{"launcher-run": "r1"}')
+    return startup_script(staged(), "10.0.0.2", 6379, '{"launcher-host": 1}', '{"launcher-run": "r1"}')
 
 
 def test_bootstrap_script_is_valid_bash_without_secrets(tmp_path) -> None:
@@ -285,22 +316,58 @@ def test_bootstrap_script_is_valid_bash_without_secrets(tmp_path) -> None:
     from cluster.bootstrap import startup_script
 
     with pytest.raises(ValueError):
-        startup_script("gs://b/w.whl", "h", 1, "{}", '{"a": "x,y"}')
+        startup_script(staged(), "h", 1, "{}", '{"a": "x,y"}')
+    from types import SimpleNamespace
+
+    for bad in ("", "ab" * 31, "AB" * 32, "'; rm -rf / #" + "a" * 51):  # a sha256 is 64 lowercase hex digits
+        with pytest.raises(ValueError, match="sha256"):
+            startup_script(SimpleNamespace(wheel_url="gs://b/w.whl", wheel_sha256=bad, lock_url="gs://b/l",
+                                           lock_sha256="a" * 64), "h", 1, "{}", "{}")
+    assert f"WHEEL_SHA256={_sha(WHEEL_BYTES)}" in script and f"LOCK_SHA256={_sha(LOCK_BYTES)}" in script
 
 
 def test_bootstrap_script_runs_with_stubs(tmp_path) -> None:
     from script_stubs import run_with_stubs
 
-    calls = run_with_stubs(bootstrap_script(), tmp_path, STUBS,
-                           {"TPU_LAUNCHER_BOOTSTRAP_LOG": str(tmp_path / "boot.log"),
-                            "TPU_LAUNCHER_WORKDIR": str(tmp_path / "work")})
-    wheel = tmp_path / "work" / "tpu_pod_launcher-0.1.0-py3-none-any.whl"
-    assert wheel.exists()
+    calls = run_with_stubs(bootstrap_script(), tmp_path, STUBS, bucket_objects(tmp_path))
+    work = tmp_path / "work"
+    wheel, lock = work / WHEEL_NAME, work / "requirements.lock"
+    assert wheel.read_bytes() == WHEEL_BYTES and lock.read_bytes() == LOCK_BYTES
     assert any("Authorization: Bearer tok" in c and "/storage/v1/b/run-bucket/o/runs%2Fr%201%2Ftpu_pod_launcher"
                in c for c in calls)
-    assert f"python3 -m pip install --quiet --upgrade-strategy only-if-needed {wheel} jax[tpu]==0.10.2" in calls
+    assert any("Authorization: Bearer tok" in c and "/o/wheels%2F0123456789ab%2Frequirements.lock" in c for c in calls)
+    # exactly the lock (every distribution hash-checked, none resolved), then the wheel alone: nothing else
+    pips = [c for c in calls if c.startswith("python3 -m pip")]
+    assert pips == [f"python3 -m pip install --quiet --require-hashes --no-deps -r {lock}",
+                    f"python3 -m pip install --quiet --no-deps --force-reinstall {wheel}"]
+    log = (tmp_path / "boot.log").read_text()
+    assert f"[bootstrap] fetched gs://run-bucket/runs/r 1/{WHEEL_NAME} (sha256 {_sha(WHEEL_BYTES)})" in log
+    assert "Bearer tok" not in log
     assert "rm -f /tmp/libtpu_lockfile" in calls
     starts = [c for c in calls if c.startswith("ray start")]
     # head address from metadata; port not in metadata: the baked-in 6379
     assert starts == ['ray start --address=10.0.0.5:6379 --resources={"launcher-host":1} --labels=launcher-run=r1']
     assert calls.index("ray stop --force") < calls.index(starts[0])
+
+
+@pytest.mark.parametrize("tampered", ["wheel", "lock"])
+def test_bootstrap_refuses_a_tampered_wheel_or_lock(tmp_path, tampered) -> None:
+    """The bucket's object is not what was staged (same name, same size, other bytes): nothing is installed."""
+    from script_stubs import run_with_stubs
+
+    good = {"wheel": WHEEL_BYTES, "lock": LOCK_BYTES}
+    bad = bytes([good[tampered][0] ^ 1]) + good[tampered][1:]
+    assert len(bad) == len(good[tampered]) and bad != good[tampered]
+    served = {**good, tampered: bad}
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        run_with_stubs(bootstrap_script(), tmp_path, STUBS, bucket_objects(tmp_path, served["wheel"], served["lock"]))
+    assert err.value.returncode == 1
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert not any(c.startswith("python3 -m pip") for c in calls)  # pip never ran
+    assert not any(c.startswith(("ray ", "fuser")) for c in calls) and "rm -f /tmp/libtpu_lockfile" not in calls
+    url = staged().wheel_url if tampered == "wheel" else staged().lock_url
+    line = f"[bootstrap] refusing {url}: sha256 {_sha(bad)} does not match the staged {_sha(good[tampered])}"
+    log = (tmp_path / "boot.log").read_text().splitlines()
+    assert line in log and log[-1] == line
+    name = WHEEL_NAME if tampered == "wheel" else "requirements.lock"
+    assert f"rm -f {tmp_path / 'work' / name}" in calls  # the refused file is not left to be installed later

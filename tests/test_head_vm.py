@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import subprocess
 import time
 
@@ -10,6 +12,7 @@ from google.api_core import exceptions as gexc
 
 from cluster.gcp import CREDENTIALS_HINT, ProvisionError, tpu_name
 from cluster.head_vm import HeadVm, head_startup_script, make_compute_client
+from launcher.wheel import Staged
 from compute_api_server import ComputeApiServer
 from script_stubs import run_with_stubs
 
@@ -17,6 +20,15 @@ PROJECT, ZONE = "proj", "us-central2-b"
 INSTANCES = f"/compute/v1/projects/{PROJECT}/zones/{ZONE}/instances"
 TICK = 0.05
 WHEEL = "gs://run-bucket/wheels/abc123/tpu_pod_launcher-0.1.0-py3-none-any.whl"
+WHEEL_BYTES = b"PK\x03\x04 the head's wheel"
+LOCK_BYTES = b"ray==2.60.0 --hash=sha256:" + b"cd" * 32 + b"\n"
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+STAGED = Staged(WHEEL, _sha(WHEEL_BYTES), "gs://run-bucket/wheels/fedcba987654/requirements.lock", _sha(LOCK_BYTES))
 
 
 class Recorder:
@@ -54,7 +66,7 @@ def eventually(condition, timeout_s: float = 5.0) -> None:
 def test_create_wait_address_delete(server: ComputeApiServer, events: Recorder) -> None:
     lines: list[str] = []
     head = head_for(server, lines)
-    info = head.ensure("run-a", head_startup_script(WHEEL))
+    info = head.ensure("run-a", head_startup_script(STAGED))
     assert info["name"] == "run-a-head" and info["status"] in ("PROVISIONING", "STAGING", "RUNNING")
     running = head.wait_running("run-a")
     assert running == {"name": "run-a-head", "status": "RUNNING", "internal_ip": "127.0.0.1",
@@ -79,7 +91,7 @@ def test_create_wait_address_delete(server: ComputeApiServer, events: Recorder) 
 
 
 def test_insert_body(server: ComputeApiServer) -> None:
-    script = head_startup_script(WHEEL)
+    script = head_startup_script(STAGED)
     head = head_for(server, service_account="head@proj.iam.gserviceaccount.com", subnetwork="tpu-subnet",
                     machine_type="e2-standard-2")
     head.ensure("My_Run.2", script, labels={"team": "ml"})
@@ -106,7 +118,7 @@ def test_insert_body(server: ComputeApiServer) -> None:
 def test_ensure_is_idempotent(server: ComputeApiServer) -> None:
     lines: list[str] = []
     head = head_for(server, lines)
-    script = head_startup_script(WHEEL)
+    script = head_startup_script(STAGED)
     head.ensure("idem", script)
     assert head.ensure("idem", script)["name"] == "idem-head"  # while still provisioning
     head.wait_running("idem")
@@ -114,20 +126,21 @@ def test_ensure_is_idempotent(server: ComputeApiServer) -> None:
     assert server.count("POST", INSTANCES) == 1
     assert sum("reusing head VM idem-head" in line for line in lines) == 2
     assert not any("differs" in line for line in lines)
-    head.ensure("idem", head_startup_script(WHEEL.replace("abc123", "def456")))  # new wheel: warn, reuse
+    newer = dataclasses.replace(STAGED, wheel_url=WHEEL.replace("abc123", "def456"))
+    head.ensure("idem", head_startup_script(newer))  # new wheel: warn, reuse
     assert server.count("POST", INSTANCES) == 1 and "differs" in lines[-1]
 
 
 def test_terminated_instance_is_deleted_and_recreated(server: ComputeApiServer, events: Recorder) -> None:
     lines: list[str] = []
     head = head_for(server, lines)
-    head.ensure("pre", head_startup_script(WHEEL))
+    head.ensure("pre", head_startup_script(STAGED))
     head.wait_running("pre")
     server.stop("pre-head")  # preempted / stopped
     assert head.status("pre") == "TERMINATED"
     with pytest.raises(ProvisionError, match="pre-head is TERMINATED"):
         head.wait_running("pre")
-    info = head.ensure("pre", head_startup_script(WHEEL))
+    info = head.ensure("pre", head_startup_script(STAGED))
     assert any("pre-head is TERMINATED; deleting it to re-create" in line for line in lines)
     assert [i["name"] for i in events.deleted] == ["pre-head"]
     assert server.count("POST", INSTANCES) == 2 and server.count("DELETE", "/instances/pre-head") == 1
@@ -139,7 +152,7 @@ def test_insert_operation_error(server: ComputeApiServer) -> None:
     head = head_for(server)
     server.fail_next_insert()
     with pytest.raises(ProvisionError, match="could not create head VM nocap-head: ZONE_RESOURCE_POOL_EXHAUSTED"):
-        head.ensure("nocap", head_startup_script(WHEEL))
+        head.ensure("nocap", head_startup_script(STAGED))
     assert head.status("nocap") == "NOT_FOUND"
     with pytest.raises(ProvisionError, match="nocap-head does not exist"):
         head.wait_running("nocap")
@@ -177,7 +190,11 @@ STUBS = {  # fake commands on PATH: each logs its arguments to $STUB_LOG
 echo "curl $*" >>"$STUB_LOG"
 case "$*" in
   *service-accounts/default/token*) printf '{"access_token": "tok", "expires_in": 60}' ;;
-  *) while [ $# -gt 0 ]; do [ "$1" = -o ] && : >"$2"; shift; done ;;
+  *) out= url=  # an object: served from $STUB_OBJECTS/<its name>, or empty
+     while [ $# -gt 0 ]; do case "$1" in -o) out="$2"; shift ;; -*) ;; *) url="$1" ;; esac; shift; done
+     name="${url%%\?*}"; name="${name##*%2F}"; name="${name##*/}"
+     if [ -z "$out" ]; then :
+     elif [ -f "${STUB_OBJECTS:-/nonexistent}/$name" ]; then cp "$STUB_OBJECTS/$name" "$out"; else : >"$out"; fi ;;
 esac""",
     "apt-get": 'echo "apt-get $*" >>"$STUB_LOG"',
     "ray": 'echo "system-ray $*" >>"$STUB_LOG"',
@@ -197,7 +214,7 @@ exec "$REAL_PYTHON" "$@"
 
 
 def test_head_script_is_valid_bash_without_secrets(tmp_path) -> None:
-    script = head_startup_script(WHEEL, ray_port=6380, dashboard_port=8266)
+    script = head_startup_script(STAGED, ray_port=6380, dashboard_port=8266)
     path = tmp_path / "head.sh"
     path.write_text(script)
     subprocess.run(["bash", "-n", str(path)], check=True)
@@ -208,31 +225,66 @@ def test_head_script_is_valid_bash_without_secrets(tmp_path) -> None:
     for secret in ("BEGIN PRIVATE KEY", "private_key", "client_secret", "refresh_token", "ya29.", "AIza",
                    "GOOGLE_APPLICATION_CREDENTIALS", "gcloud"):
         assert secret not in script
-    assert "--num-cpus=2" in head_startup_script(WHEEL, num_cpus=2)
-    quoted = head_startup_script("gs://b/w w'; rm -rf x.whl")
+    assert "--num-cpus=2" in head_startup_script(STAGED, num_cpus=2)
+    quoted = head_startup_script(dataclasses.replace(STAGED, wheel_url="gs://b/w w'; rm -rf x.whl"))
     subprocess.run(["bash", "-n", "-c", quoted], check=True)
     assert "WHEEL_URL='gs://b/w w'\"'\"'; rm -rf x.whl'" in quoted
 
 
+def bucket_objects(tmp_path, wheel: bytes = WHEEL_BYTES, lock: bytes = LOCK_BYTES) -> dict:
+    """The script's env, with what the stub curl serves (by object name): the bucket's wheel and lock."""
+    objects = tmp_path / "objects"
+    objects.mkdir(exist_ok=True)
+    (objects / "tpu_pod_launcher-0.1.0-py3-none-any.whl").write_bytes(wheel)
+    (objects / "requirements.lock").write_bytes(lock)
+    return {"STUB_OBJECTS": str(objects), "TPU_LAUNCHER_HEAD_LOG": str(tmp_path / "head.log"),
+            "TPU_LAUNCHER_WORKDIR": str(tmp_path / "work")}
+
+
 def test_head_script_runs_with_stubs(tmp_path) -> None:
-    script_env = {"TPU_LAUNCHER_HEAD_LOG": str(tmp_path / "head.log"), "TPU_LAUNCHER_WORKDIR": str(tmp_path / "work")}
-    calls = run_with_stubs(head_startup_script(WHEEL), tmp_path, STUBS, script_env)
+    script_env = bucket_objects(tmp_path)
+    calls = run_with_stubs(head_startup_script(STAGED), tmp_path, STUBS, script_env)
     work = tmp_path / "work"
-    wheel = work / "tpu_pod_launcher-0.1.0-py3-none-any.whl"
-    assert wheel.exists()
+    wheel, lock = work / "tpu_pod_launcher-0.1.0-py3-none-any.whl", work / "requirements.lock"
+    assert wheel.read_bytes() == WHEEL_BYTES and lock.read_bytes() == LOCK_BYTES
     assert "apt-get install -y -qq python3-venv python3-pip" in calls
     assert f"python3 -m venv {work / 'venv'}" in calls
     assert any("Authorization: Bearer tok" in c and "/storage/v1/b/run-bucket/o/wheels%2Fabc123%2Ftpu_pod_launcher"
                in c for c in calls)
-    assert f"venv-python -m pip install --quiet --upgrade-strategy only-if-needed {wheel}" in calls
+    assert any("Authorization: Bearer tok" in c and "/o/wheels%2Ffedcba987654%2Frequirements.lock" in c for c in calls)
+    # exactly the lock (hash-checked, nothing resolved), then the wheel alone, into the venv
+    assert [c for c in calls if " -m pip" in c] == [
+        f"venv-python -m pip install --quiet --require-hashes --no-deps -r {lock}",
+        f"venv-python -m pip install --quiet --no-deps --force-reinstall {wheel}"]
     start = ("venv-ray start --head --port=6379 --dashboard-host=0.0.0.0 --dashboard-port=8265 "
              "--include-dashboard=true --num-cpus=0 --disable-usage-stats")
     assert start in calls and calls.index("venv-ray stop --force") < calls.index(start)
     assert not any(c.startswith("system-ray") for c in calls)
     assert "Bearer tok" not in (tmp_path / "head.log").read_text()
     # a reboot reuses the venv: no apt-get, no second venv
-    calls = run_with_stubs(head_startup_script(WHEEL), tmp_path, STUBS, script_env)
+    calls = run_with_stubs(head_startup_script(STAGED), tmp_path, STUBS, script_env)
     assert not any(c.startswith(("apt-get", "python3 -m venv")) for c in calls) and start in calls
+
+
+@pytest.mark.parametrize("tampered", ["wheel", "lock"])
+def test_head_script_refuses_a_tampered_wheel_or_lock(tmp_path, tampered) -> None:
+    """The bucket's object is not what was staged (same name, same size, other bytes): nothing is installed."""
+    good = {"wheel": WHEEL_BYTES, "lock": LOCK_BYTES}
+    bad = good[tampered][:-1] + bytes([good[tampered][-1] ^ 1])
+    assert len(bad) == len(good[tampered]) and bad != good[tampered]
+    served = {**good, tampered: bad}
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        run_with_stubs(head_startup_script(STAGED), tmp_path, STUBS,
+                       bucket_objects(tmp_path, served["wheel"], served["lock"]))
+    assert err.value.returncode == 1
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert not any(" -m pip" in c or "ray " in c for c in calls)  # pip never ran, nor did Ray
+    url = STAGED.wheel_url if tampered == "wheel" else STAGED.lock_url
+    line = f"[head] refusing {url}: sha256 {_sha(bad)} does not match the staged {_sha(good[tampered])}"
+    log = (tmp_path / "head.log").read_text().splitlines()
+    assert line in log and log[-1] == line
+    name = "tpu_pod_launcher-0.1.0-py3-none-any.whl" if tampered == "wheel" else "requirements.lock"
+    assert not (tmp_path / "work" / name).exists()  # not left behind for a later install
 
 
 # credentials -----------------------------------------------------------------------------------------

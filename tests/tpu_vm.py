@@ -10,7 +10,9 @@ session of its own, in an environment that stands in for a TPU VM:
 - a PATH shim dir (`bin/`), each shim logging its call to the host's `calls.log`:
   `curl` runs the real curl with http://metadata.google.internal/ pointed at a local metadata server (the
   node's metadata attributes, a fake service-account token) and https://storage.googleapis.com/ at the GCS
-  emulator, so the wheel really comes from the run's bucket; `python3 -m pip` only records the install;
+  emulator, so the wheel and its hash-locked requirements really come from the run's bucket (and the script
+  really checks their sha256); `python3 -m pip` only records the install, with its arguments, and installs
+  nothing;
   `rm -f /tmp/libtpu_lockfile`, `fuser` and `lsof` only record the TPU host cleanup (never kill or delete
   on a shared machine);
   `ray stop --force` is a no-op (it would stop the test's own Ray head); `ray start` runs the real
@@ -22,7 +24,8 @@ session of its own, in an environment that stands in for a TPU VM:
 
 On delete or preempt the host's session (the script and every Ray process it started) is killed with
 SIGKILL, as a VM going away; `nodes` drops the node. After a host's script exits, the bootstrap's steps are
-checked (log lines, recorded calls, the fetched wheel); any failure lands in `errors`.
+checked (log lines, recorded calls: the lock installed with `--require-hashes --no-deps`, then the wheel with
+`--no-deps`, nothing else; the fetched wheel and lock); any failure lands in `errors`.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ from cluster import catalog
 from cluster.bootstrap import HEAD_ADDRESS_ATTR, HEAD_PORT_ATTR
 from cluster.local import cpu_host_env
 from cluster.slice import SliceSpec, catalog_slice
+from launcher.wheel import LOCK_LINE, LOCK_NAME
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METADATA_HOST = "http://metadata.google.internal/"
@@ -122,7 +126,8 @@ exec {curl} "${{args[@]}}"
 """
 
 _PYTHON3 = """#!/bin/bash
-# python3 on a fake TPU VM: `-m pip` is recorded only (the project is importable through PYTHONPATH).
+# python3 on a fake TPU VM: `-m pip` is recorded only, with its arguments (the project is importable through
+# PYTHONPATH); the checks read what the startup script asked pip for.
 if [ "${{1:-}}" = -m ] && [ "${{2:-}}" = pip ]; then
   {log}  exit 0
 fi
@@ -259,8 +264,24 @@ class TpuVmHost:
         if len(wheels) != 1 or not zipfile.is_zipfile(wheels[0]) or \
                 "cluster/bootstrap.py" not in zipfile.ZipFile(wheels[0]).namelist():
             problems.append(f"no project wheel fetched into its workdir: {wheels}")
-        elif not any(c.startswith("python3 -m pip install") and str(wheels[0]) in c for c in calls):
-            problems.append("did not pip install the wheel")
+        lock = self.workdir / LOCK_NAME
+        pins = lock.read_text().splitlines() if lock.is_file() else []
+        if not pins or not all(LOCK_LINE.match(p) for p in pins):
+            problems.append(f"no hash-locked requirements fetched into its workdir: {pins[:3]}")
+        if log.count("[bootstrap] fetched ") < 2 or "does not match the staged" in log:
+            problems.append("did not fetch and verify both the wheel and the lock")
+        installs = [c.split() for c in calls if c.startswith("python3 -m pip install")]
+        locked = [k for k, a in enumerate(installs)
+                  if "--require-hashes" in a and "--no-deps" in a and "-r" in a
+                  and a[a.index("-r") + 1:][:1] == [str(lock)]]
+        if not locked:
+            problems.append(f"did not pip install the lock with --require-hashes --no-deps: {installs}")
+        if wheels:
+            wheel = [k for k, a in enumerate(installs) if str(wheels[0]) in a and "--no-deps" in a]
+            if not wheel or (locked and wheel[0] < locked[0]):
+                problems.append(f"did not pip install the wheel with --no-deps after the lock: {installs}")
+        if len(installs) != 2:
+            problems.append(f"pip installed something besides the lock and the wheel: {installs}")
         if "ray stop --force" not in calls or "rm -f /tmp/libtpu_lockfile" not in calls:
             problems.append("did not clean the TPU host")
         if not any(c.startswith(f"ray start --address={head} ") for c in calls):
