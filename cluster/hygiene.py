@@ -2,7 +2,9 @@
 
 A trainer that outlived its attempt (its supervisor or actor died, it was stopped with SIGSTOP, ...) would
 write checkpoints and hold the TPU while the next attempt starts. Its pid is in the host's heartbeat file
-(trainer/heartbeat.py); it is killed only if that pid still runs `trainer.main` (pids are reused). On a TPU
+(trainer/heartbeat.py); it is killed only if that pid still runs `trainer.main` and, where the heartbeat
+records it, still has the recorded start time (pids are reused: a pid plus its start time names one process).
+The same check guards `kill_recorded`, which stops a dead supervisor's local Ray processes. On a TPU
 VM, processes holding the TPU devices are killed and libtpu's lockfile is removed once nothing holds them,
 as other launchers' startup scripts do.
 """
@@ -11,7 +13,7 @@ import json
 import os
 import signal
 import time
-from typing import List, Optional
+from typing import Iterable, List, Optional, Tuple
 
 LIBTPU_LOCKFILE = "/tmp/libtpu_lockfile"
 TPU_DEVICE_GLOBS = ("/dev/accel*", "/dev/vfio/[0-9]*")
@@ -23,6 +25,50 @@ def _cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def process_start_time(pid: int) -> Optional[int]:
+    """When process `pid` started, in clock ticks since boot (/proc/<pid>/stat field 22), or None if there is
+    no such process. Exact and fixed for the process's life, so (pid, start time) names one process: a pid
+    reused by a later process has a later start time."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def kill_recorded(processes: Iterable) -> Tuple[List[int], List[dict]]:
+    """SIGKILL each recorded process ({"pid": .., "start_time": ..} as written with `process_start_time`)
+    that still runs: same pid AND same start time. Returns (killed pids, skipped: [{"pid", "reason"}])."""
+    killed, skipped = [], []
+    for rec in processes or ():
+        pid = rec.get("pid") if isinstance(rec, dict) else rec
+        recorded = rec.get("start_time") if isinstance(rec, dict) else None
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            skipped.append({"pid": pid, "reason": "malformed record"})
+            continue
+        if pid == os.getpid():
+            skipped.append({"pid": pid, "reason": "this process"})
+            continue
+        if not isinstance(recorded, int) or isinstance(recorded, bool):
+            skipped.append({"pid": pid, "reason": "no start time recorded"})
+            continue
+        now = process_start_time(pid)
+        if now is None:
+            skipped.append({"pid": pid, "reason": "no longer running"})
+            continue
+        if now != recorded:
+            skipped.append({"pid": pid, "reason": f"pid reused: start time {now}, recorded {recorded}"})
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except ProcessLookupError:
+            skipped.append({"pid": pid, "reason": "no longer running"})
+        except PermissionError:
+            skipped.append({"pid": pid, "reason": "not permitted"})
+    return killed, skipped
 
 
 def _kill(pid: int, wait_s: float = 5.0) -> bool:
@@ -49,13 +95,19 @@ def _is_zombie(pid: int) -> bool:
 
 
 def leftover_trainer(heartbeat_file: str) -> Optional[int]:
-    """The pid in a heartbeat file, if that process is alive and is a trainer."""
+    """The pid in a heartbeat file, if that process is alive, is a trainer and (where the heartbeat records
+    `pid_start_time`) started when the heartbeat's process did, i.e. is that process and not a reused pid."""
     try:
         with open(heartbeat_file) as f:
-            pid = int(json.load(f).get("pid") or 0)
-    except (OSError, ValueError, json.JSONDecodeError, AttributeError):
+            hb = json.load(f)
+        pid = int(hb.get("pid") or 0)
+        start_time = hb.get("pid_start_time")
+        start_time = None if start_time is None else int(start_time)
+    except (OSError, ValueError, TypeError, json.JSONDecodeError, AttributeError):
         return None
     if pid <= 0 or pid == os.getpid() or _is_zombie(pid):
+        return None
+    if start_time is not None and process_start_time(pid) != start_time:
         return None
     return pid if "trainer.main" in _cmdline(pid) else None
 

@@ -81,14 +81,22 @@ class LocalProvider:
             self.cluster.wait_for_nodes()
         return replaced
 
-    def processes(self) -> List[int]:
-        """Pids of this pod's Ray processes (head and raylets), recorded so a later launch can clean up
-        after a supervisor that died without shutting them down."""
-        pids = []
+    def processes(self) -> List[dict]:
+        """This pod's running Ray processes (head and raylets) as {"pid", "start_time"}, recorded so a later
+        launch can clean up after a supervisor that died without shutting them down. The start time
+        (cluster/hygiene.py::process_start_time) tells a recorded process from a later one reusing its pid."""
+        from cluster.hygiene import process_start_time
+
+        procs = []
         for node in ([self.cluster.head_node] if self.cluster and self.cluster.head_node else []) + self.nodes:
             for infos in node.all_processes.values():
-                pids.extend(info.process.pid for info in infos if info.process is not None)
-        return pids
+                for info in infos:
+                    if info.process is None or info.process.poll() is not None:
+                        continue
+                    start_time = process_start_time(info.process.pid)
+                    if start_time is not None:
+                        procs.append({"pid": info.process.pid, "start_time": start_time})
+        return procs
 
     def down(self) -> None:
         if self.cluster is not None:

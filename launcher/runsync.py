@@ -4,10 +4,13 @@ Each such host's trainer writes into a host-local run directory; the supervisor 
 (whole lines) through the host's Ray actor and appends it to the real run directory, so logs/, events.jsonl,
 metrics.jsonl and result.json look the same as on a local pod.
 """
+import logging
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 import ray
+
+log = logging.getLogger("launcher.runsync")
 
 APPENDED = ("events.jsonl", "metrics.jsonl", "goodput.jsonl")
 WHOLE = ("result.json",)
@@ -43,6 +46,61 @@ def read_new(root: str, offsets: Dict[str, int]) -> Dict[str, Tuple[bytes, int]]
     return out
 
 
+def _inside(run_dir: str, name: str) -> Optional[str]:
+    """run_dir/name, if `name` is a relative path that stays inside run_dir; else None."""
+    if not isinstance(name, str) or not name or "\0" in name or "\\" in name or os.path.isabs(name):
+        return None
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return None
+    root = os.path.abspath(run_dir)
+    target = os.path.abspath(os.path.join(root, name))
+    return target if os.path.commonpath([root, target]) == root and target != root else None
+
+
+def apply_chunks(run_dir: str, host: int, expected_names: Iterable[str], chunks,
+                 warned: Optional[Set] = None) -> Dict[str, int]:
+    """Write what host `host` returned from `read_new` into run_dir. Only the names the supervisor asked that
+    host for (`expected_names`) are written, each only inside run_dir; anything else the host sent is ignored
+    and logged (once per host and name, with `warned` kept across calls). Returns the new offsets of the
+    appended files written."""
+    warned = set() if warned is None else warned
+    expected = set(expected_names)
+    offsets = {}
+
+    def _ignore(name, why):
+        key = (host, repr(name)[:200])
+        if key not in warned:
+            warned.add(key)
+            log.warning("run sync: ignored %s from host %d: %s", key[1], host, why)
+
+    if not isinstance(chunks, dict):
+        _ignore(type(chunks).__name__, "not a {name: (data, offset)} table")
+        return offsets
+    for name, chunk in chunks.items():
+        if name not in expected:
+            _ignore(name, "a file the supervisor did not ask for")
+            continue
+        target = _inside(run_dir, name)
+        if target is None:
+            _ignore(name, "not a path inside the run directory")
+            continue
+        if not (isinstance(chunk, (tuple, list)) and len(chunk) == 2 and isinstance(chunk[0], bytes)
+                and isinstance(chunk[1], int)):
+            _ignore(name, "not a (bytes, offset) pair")
+            continue
+        data, offset = chunk
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if is_whole(name):
+            with open(target + ".tmp", "wb") as f:
+                f.write(data)
+            os.replace(target + ".tmp", target)
+            continue
+        with open(target, "ab") as f:
+            f.write(data)
+        offsets[name] = offset
+    return offsets
+
+
 class RunSync:
     """Pulls every host's new run-directory bytes into the supervisor's run directory."""
 
@@ -52,6 +110,7 @@ class RunSync:
         self.run_dir, self.actors, self.host_dirs = run_dir, actors, host_dirs
         self.offsets = {i: {name: 0 if is_whole(name) else int((start[i] if start else {}).get(name, 0))
                             for name in host_files(i)} for i in range(len(actors))}
+        self._warned: set = set()  # (host, name) of unexpected names already logged
 
     def pull(self, timeout_s: float = 30.0) -> None:
         refs = {i: a.pull.remote(self.host_dirs[i], self.offsets[i]) for i, a in enumerate(self.actors)}
@@ -60,14 +119,6 @@ class RunSync:
                 chunks = ray.get(ref, timeout=timeout_s)
             except Exception:  # noqa: BLE001 - a dead or busy host: what it wrote last time is kept
                 continue
-            for name, (data, offset) in chunks.items():
-                target = os.path.join(self.run_dir, name)
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                if is_whole(name):
-                    with open(target + ".tmp", "wb") as f:
-                        f.write(data)
-                    os.replace(target + ".tmp", target)
-                    continue
-                with open(target, "ab") as f:
-                    f.write(data)
-                self.offsets[i][name] = offset
+            # only the names asked for (this host's offsets), each inside the run dir: a host is not trusted
+            # to say where the supervisor writes
+            self.offsets[i].update(apply_chunks(self.run_dir, i, self.offsets[i], chunks, self._warned))

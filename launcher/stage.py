@@ -10,13 +10,16 @@ import logging
 from omegaconf import DictConfig, open_dict
 
 from trainer.data.storage import open_store
+from trainer.data.stream import read_manifest
 
 log = logging.getLogger("launcher.stage")
 
 
 def stage_data(local_path: str, bucket: str) -> str:
+    # the validated reader: shard names are plain names inside local_path (DataError otherwise), so copying
+    # them by name cannot read anything outside the data set
+    manifest = read_manifest(local_path)
     src = open_store(local_path)
-    manifest = json.loads(src.read_bytes("manifest.json"))
     target = f"{bucket.rstrip('/')}/data/{manifest['fingerprint'][:16]}"
     dst = open_store(target)
     if dst.exists("manifest.json") and json.loads(dst.read_bytes("manifest.json"))["fingerprint"] == \
@@ -25,7 +28,8 @@ def stage_data(local_path: str, bucket: str) -> str:
     for split in manifest["splits"].values():
         for shard in split["shards"]:
             dst.write_bytes(shard["name"], src.read_bytes(shard["name"]))
-    dst.write_bytes("manifest.json", src.read_bytes("manifest.json"))  # last: the data set is complete
+    # last: the data set is complete. The manifest that was checked, not a second read of the file.
+    dst.write_bytes("manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     log.info("staged %s to %s", local_path, target)
     return target
 

@@ -232,28 +232,27 @@ def _take_over(run: RunDir) -> None:
     dead = run.taken_over or {}
     _say(f"the run's previous supervisor (pid {dead.get('pid')} on {dead.get('host')}) died; taking over the "
          f"run and resuming it")
+    from cluster.hygiene import kill_recorded
+
     pod = run.read_json("pod.json") or {}
-    killed = []
-    for pid in pod.get("ray_pids", []):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        if "ray" in cmd:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            except ProcessLookupError:
-                pass
-    run.event("lock_taken_over", previous=dead, killed_ray_pids=killed)
+    # only a process whose pid AND start time match the record is killed: a reused pid is someone else's
+    recorded = [p for key in ("processes", "ray_pids")  # ray_pids: older records, without start times
+                for p in (pod.get(key) if isinstance(pod.get(key), list) else [])]
+    killed, skipped = kill_recorded(recorded)
+    if killed:
+        _say(f"stopped the previous supervisor's local Ray processes: pids {killed}")
+    if skipped:
+        _say(f"left {len(skipped)} recorded pid(s) alone: "
+             + "; ".join(f"{s['pid']}: {s['reason']}" for s in skipped))
+    run.event("lock_taken_over", previous=dead, killed_ray_pids=killed, skipped_ray_pids=skipped)
     _forget_local_pod(run)
 
 
 def _record_local_pod(run: RunDir, provider) -> None:
-    """The local pod's Ray processes, so that a launch after this supervisor dies can stop them."""
+    """The local pod's Ray processes, so that a launch after this supervisor dies can stop them: each as
+    {"pid", "start_time"}, so that takeover kills only those very processes, never a later one reusing a pid."""
     if isinstance(provider, LocalProvider):
-        run.write_json("pod.json", {"supervisor_pid": os.getpid(), "ray_pids": provider.processes()})
+        run.write_json("pod.json", {"supervisor_pid": os.getpid(), "processes": provider.processes()})
 
 
 def _forget_local_pod(run: RunDir) -> None:

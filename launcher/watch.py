@@ -19,11 +19,18 @@ from launcher.classify import EXIT_RESTARTABLE, HOST_LOST, Evidence
 STARTUP_PHASES = {"init", "restore", "compile"}
 
 
-def _draining_node_ids() -> set:
-    try:
-        from ray._private.state import state
+def _draining_node_ids(timeout_s: int = 5) -> set:
+    """Hex ids of the Ray nodes being drained (e.g. `ray drain-node`, or the autoscaler before a preemption).
 
-        return set(state.get_draining_nodes())
+    From the cluster status the GCS reports (what `ray status` shows, ray.autoscaler.v2.sdk): a node being
+    drained has node_status "DRAINING" until it dies. ray.nodes() and the state API show no drain.
+    """
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=timeout_s)
+        return {n.node_id for n in list(status.active_nodes) + list(status.idle_nodes)
+                if n.node_id and n.node_status == "DRAINING"}
     except Exception:  # noqa: BLE001 - an older Ray or a GCS hiccup: no drain evidence this time
         return set()
 

@@ -1,5 +1,8 @@
 """Per-host heartbeat: `${run.dir}/hosts/host-<i>.json` with pid, step, phase and times, for the watchdog.
 
+`pid_start_time` (the process's start time, cluster/hygiene.py::process_start_time) lets host hygiene tell
+this trainer from a later process that reused its pid.
+
 A background thread rewrites the file every `interval_s` (atomically), so a frozen process (SIGSTOP, a
 deadlocked runtime) shows as a stale `time`, and a live process whose main loop is stuck (a hung collective)
 shows as a stale `progress_time`: the time `step` or `phase` last changed. The supervisor reads these files
@@ -10,6 +13,8 @@ import os
 import threading
 import time
 from typing import Optional
+
+from cluster.hygiene import process_start_time
 
 
 def heartbeat_path(run_dir: str, host: int) -> str:
@@ -22,8 +27,9 @@ class Heartbeat:
         self.interval_s = float(interval_s)
         self._lock = threading.Lock()
         now = time.time()
-        self._state = {"pid": os.getpid(), "host": host, "attempt": attempt, "step": None, "phase": "init",
-                       "started": now, "progress_time": now, "time": now, "exit": None}
+        self._state = {"pid": os.getpid(), "pid_start_time": process_start_time(os.getpid()), "host": host,
+                       "attempt": attempt, "step": None, "phase": "init", "started": now, "progress_time": now,
+                       "time": now, "exit": None}
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 

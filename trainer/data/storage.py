@@ -109,36 +109,41 @@ def gcs_client():
         return client
 
 
+_RETRY_CODES = (408, 429, 500, 502, 503, 504)
+
+
 def _is_transient(exc: BaseException) -> bool:
     """True for errors worth retrying: HTTP 408, 429, 500, 502, 503, 504, connection errors (refused, reset,
-    closed mid-response), timeouts, and a download whose checksum did not match (a truncated body)."""
-    from google.api_core import exceptions as gexc
+    closed mid-response), timeouts, and a download whose checksum did not match (a truncated body).
 
-    if isinstance(exc, gexc.GoogleAPICallError):
-        return exc.code in (408, 429, 500, 502, 503, 504)
-    if isinstance(exc, (ConnectionError, TimeoutError)):  # includes ConnectionResetError, RemoteDisconnected
-        return True
-    try:
-        from google.cloud.storage.exceptions import DataCorruption
-        from google.cloud.storage.retry import _should_retry  # the client's own list of transient errors
-
-        if isinstance(exc, DataCorruption) or _should_retry(exc):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
+    Built on public classes only (the storage client's own predicate is private): the same list it retries.
+    """
     import http.client
 
     import requests
+    import urllib3
+    from google.api_core import exceptions as gexc
+    from google.api_core.retry import if_transient_error
+    from google.auth import exceptions as auth_exc
+    from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 
+    if isinstance(exc, gexc.GoogleAPICallError):
+        return exc.code in _RETRY_CODES
+    if isinstance(exc, InvalidResponse):  # a raw (resumable-media) response with an HTTP error status
+        return getattr(getattr(exc, "response", None), "status_code", None) in _RETRY_CODES
+    if isinstance(exc, (ConnectionError, TimeoutError)):  # includes ConnectionResetError, RemoteDisconnected
+        return True
+    if isinstance(exc, DataCorruption):  # checksum mismatch: a truncated or garbled download
+        return True
     if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
                         requests.exceptions.ChunkedEncodingError, http.client.IncompleteRead,
-                        http.client.BadStatusLine)):
+                        http.client.BadStatusLine, http.client.ResponseNotReady,
+                        urllib3.exceptions.PoolError, urllib3.exceptions.ProtocolError,
+                        urllib3.exceptions.SSLError, urllib3.exceptions.TimeoutError)):
         return True
-    from google.auth import exceptions as auth_exc
-
     if isinstance(exc, auth_exc.TransportError):  # token refresh could not reach the metadata server
         return True
-    return False
+    return bool(if_transient_error(exc))
 
 
 def is_transient_failure(exc: BaseException) -> bool:

@@ -69,9 +69,30 @@ def _manifest_problem(m) -> str | None:
                 isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("records"), int)
                 for s in shards):
             return f"split {name!r} has a bad 'shards' list"
+        for s in shards:
+            bad = _bad_shard_name(s["name"])
+            if bad:
+                return f"split {name!r} has a bad shard name {s['name']!r} ({bad}): shard names must be plain " \
+                       f"file names inside the dataset directory"
         n_shards += len(shards)
     if n_shards == 0:
         return "it lists no shards"
+    return None
+
+
+def _bad_shard_name(name: str) -> str | None:
+    """Why `name` is not a plain relative file name inside the data root (None if it is). Shard names come from
+    the manifest, which is untrusted input: a name must not reach outside the directory or bucket prefix."""
+    if not name:
+        return "empty"
+    if "\0" in name:
+        return "contains NUL"
+    if name.startswith(("/", "\\")) or os.path.isabs(name) or os.path.splitdrive(name)[0]:
+        return "an absolute path"
+    if "/" in name or "\\" in name:
+        return "contains a path separator"
+    if name in (".", ".."):
+        return "not a file name"
     return None
 
 
