@@ -17,6 +17,20 @@ import shlex
 
 METADATA_URL = "http://metadata.google.internal/computeMetadata/v1/instance"
 HEAD_ADDRESS_ATTR, HEAD_PORT_ATTR = "ray-head-address", "ray-head-port"
+# Where a VM finds the run's Ray token: the Secret Manager secret's name (not the token) and its project, and an
+# API endpoint override (tests). The scripts fetch it with the VM's own credentials (cluster/secrets.py).
+TOKEN_SECRET_ATTR, PROJECT_ATTR, SECRET_ENDPOINT_ATTR = "ray-token-secret", "launcher-project", \
+    "secret-manager-endpoint"
+
+
+def token_metadata(project: str, run_name: str, endpoint: str | None = None) -> dict:
+    """The metadata attributes that tell a VM which secret holds the run's Ray token."""
+    from cluster.secrets import secret_id
+
+    md = {TOKEN_SECRET_ATTR: secret_id(run_name), PROJECT_ATTR: project}
+    if endpoint:
+        md[SECRET_ENDPOINT_ATTR] = endpoint
+    return md
 
 # fetch_verified URL FILE SHA256: fetch URL into FILE (gs:// with the VM service account's short-lived token from the
 # metadata server $MD, so no script holds credentials; http(s):// plainly), then refuse it unless its sha256 is the
@@ -32,7 +46,8 @@ FETCH_VERIFIED = r"""fetch_verified() {
       token="$(curl -sf -H "Metadata-Flavor: Google" "$MD/service-accounts/default/token" \
         | python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])')" \
         || { echo "[$LOG_TAG] no service account token from the metadata server to fetch $url"; exit 1; }
-      curl -sf --retry 5 -H "Authorization: Bearer $token" -o "$out" \
+      # the header from a pipe, not argv: a command line is readable by every process on the VM
+      curl -sf --retry 5 -H @<(printf 'Authorization: Bearer %s\n' "$token") -o "$out" \
         "https://storage.googleapis.com/storage/v1/b/$bucket/o/$object?alt=media" \
         || { echo "[$LOG_TAG] could not fetch $url"; exit 1; }
       unset token
@@ -50,11 +65,32 @@ FETCH_VERIFIED = r"""fetch_verified() {
 }"""
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
+# fetch_ray_token PYTHON OUT: the run's Ray token from Secret Manager (python -m cluster.secrets, with this VM's
+# own credentials), 0600 at OUT, then Ray token auth on for every `ray` command after it. The secret's name comes
+# from the metadata; the token never does. The one token fetch of the TPU VM and head VM scripts.
+FETCH_TOKEN = r"""fetch_ray_token() {
+  local py="$1" out="$2" secret project endpoint
+  secret="$(curl -sf -H "Metadata-Flavor: Google" "$MD/attributes/%(secret)s")" \
+    || { echo "[$LOG_TAG] refusing to start Ray: no %(secret)s in this VM's metadata"; exit 1; }
+  project="$(curl -sf -H "Metadata-Flavor: Google" "$MD/attributes/%(project)s")" \
+    || { echo "[$LOG_TAG] refusing to start Ray: no %(project)s in this VM's metadata"; exit 1; }
+  endpoint="$(curl -sf -H "Metadata-Flavor: Google" "$MD/attributes/%(endpoint)s" || true)"
+  "$py" -m cluster.secrets fetch --project "$project" --secret "$secret" --out "$out" --wait-s 300 \
+    ${endpoint:+--endpoint "$endpoint"} \
+    || { echo "[$LOG_TAG] refusing to start Ray: could not fetch the run's Ray token ($secret)"; exit 1; }
+  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$out"
+  unset RAY_AUTH_TOKEN
+}
+# This VM's internal address (empty if the metadata server does not say): Ray's ports listen there only.
+INTERNAL_IP="$(curl -sf -H "Metadata-Flavor: Google" "$MD/network-interfaces/0/ip" || true)"
+""" % {
+    "secret": TOKEN_SECRET_ATTR, "project": PROJECT_ATTR, "endpoint": SECRET_ENDPOINT_ATTR}
+
 
 def staged_args(staged) -> dict:
     """The format arguments of the fetch part of a startup script: `fetch_verified` and the staged wheel's and
     lock's URLs and sha256 (`Staged` from launcher/wheel.py, or anything with those four attributes), quoted."""
-    args = {"fetch_verified": FETCH_VERIFIED}
+    args = {"fetch_verified": FETCH_VERIFIED, "fetch_token": FETCH_TOKEN}
     for name in ("wheel_url", "wheel_sha256", "lock_url", "lock_sha256"):
         value = str(getattr(staged, name, "") or "")
         if name.endswith("_sha256") and not _SHA256.match(value):
@@ -63,6 +99,7 @@ def staged_args(staged) -> dict:
             raise ValueError(f"{name} is empty")
         args[name] = shlex.quote(value)
     return args
+
 
 _TEMPLATE = r"""#!/bin/bash
 # tpu-pod-launcher bootstrap (generated): install the wheel, clean the TPU host, join the Ray cluster.
@@ -108,8 +145,12 @@ for dev in /dev/accel* /dev/vfio/*; do
   fi
 done
 
-# 3. Join the run's Ray cluster (ray detects the TPU resources and labels; these add the run's own).
-ray start --address="$HEAD_ADDRESS:$RAY_PORT" --resources={resources} --labels={labels}
+# 3. Join the run's Ray cluster with the run's token (ray detects the TPU resources and labels; these add the
+#    run's own), its ports on this VM's internal address.
+{fetch_token}
+fetch_ray_token python3 "$WORKDIR/ray_token"
+ray start --address="$HEAD_ADDRESS:$RAY_PORT" ${{INTERNAL_IP:+--node-ip-address="$INTERNAL_IP"}} \
+  --resources={resources} --labels={labels}
 echo "[bootstrap] $(date -u +%FT%TZ) joined $HEAD_ADDRESS:$RAY_PORT"
 """
 

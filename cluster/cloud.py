@@ -20,7 +20,7 @@ class CloudProvider:
                  subnetwork: Optional[str] = None, service_account: Optional[str] = None,
                  labels: Optional[Dict[str, str]] = None, endpoint: Optional[str] = None,
                  staged: Optional[Any] = None, timeout_s: float = 3600, poll_s: float = 5.0,
-                 delete_on_exit: bool = True, progress=print):
+                 delete_on_exit: bool = True, progress=print, token_metadata: Optional[Dict[str, str]] = None):
         self.spec, self.ray_address, self.run_name = spec, ray_address, run_name
         self.runtime_version, self.num_slices, self.capacity = runtime_version, num_slices, capacity
         self.network, self.subnetwork, self.service_account = network, subnetwork, service_account
@@ -29,10 +29,12 @@ class CloudProvider:
         self.api = GcpTpuProvider(project, zone, client=make_client(endpoint), poll_s=poll_s, timeout_s=timeout_s,
                                   progress=progress)
         self.nodes: List[dict] = []
+        self.token_metadata = dict(token_metadata or {})
 
     def metadata(self) -> Dict[str, str]:
         host, _, port = self.ray_address.rpartition(":")
-        md = {HEAD_ADDRESS_ATTR: host, HEAD_PORT_ATTR: port, "launcher-run": self.run_name}
+        # token_metadata: which Secret Manager secret holds the run's Ray token (its name, never the token)
+        md = {HEAD_ADDRESS_ATTR: host, HEAD_PORT_ATTR: port, "launcher-run": self.run_name, **self.token_metadata}
         if self.staged:
             md["startup-script"] = startup_script(
                 self.staged, host, int(port), json.dumps({self.spec.name: 1}),

@@ -3,7 +3,8 @@
 TPU VMs cannot reach a laptop, so a cloud run without `ray.address` gets its own head: a Compute Engine
 instance named `<tpu_name(run)>-head` whose startup script (`head_startup_script`) installs the run's
 wheel and its hash-locked requirements into a venv, each verified by its staged sha256 first, and runs
-`ray start --head` with the dashboard (job server) on all interfaces.
+`ray start --head` with the run's Ray token (from Secret Manager), its ports on the internal address and the
+dashboard (job server) on loopback only: the laptop reaches it through an SSH tunnel (launcher/tunnel.py).
 `HeadVm.ensure` is idempotent: it reuses a live instance (PROVISIONING/STAGING/RUNNING/REPAIRING) and
 deletes a dead one (TERMINATED, STOPPED, SUSPENDED, ...: preempted or stopped) before re-creating it.
 
@@ -105,9 +106,14 @@ fetch_verified "$LOCK_URL" "$LOCK" "$LOCK_SHA256"
 # 3. The Ray head; jobs submitted to its job server run `python -m launcher` from this venv.
 export PATH="$VENV/bin:$PATH"
 ray stop --force || true
-ray start --head --port={ray_port} --dashboard-host=0.0.0.0 --dashboard-port={dashboard_port} \
+# Ray's ports on the internal address only (TPU VMs join there; every call needs the run's token), the job server
+# on loopback only: the laptop reaches it through an SSH tunnel to port 22, the one port open from outside.
+{fetch_token}
+fetch_ray_token "$VENV/bin/python" "$WORKDIR/ray_token"
+ray start --head --port={ray_port} ${{INTERNAL_IP:+--node-ip-address="$INTERNAL_IP"}} \
+  --dashboard-host=127.0.0.1 --dashboard-port={dashboard_port} \
   --include-dashboard=true --num-cpus={num_cpus} --disable-usage-stats
-echo "[head] $(date -u +%FT%TZ) Ray head up on port {ray_port}, job server on port {dashboard_port}"
+echo "[head] $(date -u +%FT%TZ) Ray head up on ${{INTERNAL_IP:-this host}}:{ray_port}, job server on 127.0.0.1:{dashboard_port}"
 """
 
 
@@ -169,7 +175,8 @@ class HeadVm:
         return None
 
     # public API ----------------------------------------------------------------------------------
-    def ensure(self, run_name: str, startup_script: str, labels: Optional[dict] = None) -> dict:
+    def ensure(self, run_name: str, startup_script: str, labels: Optional[dict] = None,
+               metadata: Optional[dict] = None) -> dict:
         """Make sure the run's head VM exists and is live (reuse, or delete a dead one and re-create)."""
         name = self.instance_name(run_name)
         instance = self._get(run_name)
@@ -182,13 +189,14 @@ class HeadVm:
                 return self._dict(instance)
             self.progress(f"head: {name} is {instance.status}; deleting it to re-create")
             self.delete(run_name, wait=True)
-        self._create(run_name, startup_script, labels)
+        self._create(run_name, startup_script, labels, metadata)
         instance = self._get(run_name)
         if instance is None:
             raise ProvisionError(f"head VM {name} does not exist after its creation (deleted?)")
         return self._dict(instance)
 
-    def _instance(self, run_name: str, startup_script: str, labels: Optional[dict]) -> Any:
+    def _instance(self, run_name: str, startup_script: str, labels: Optional[dict],
+                  metadata: Optional[dict] = None) -> Any:
         from google.cloud import compute_v1
 
         region = _region(self.zone)
@@ -206,16 +214,18 @@ class HeadVm:
         return compute_v1.Instance(
             name=self.instance_name(run_name), machine_type=machine_type, disks=[disk], network_interfaces=[nic],
             labels={**(labels or {}), "launcher-run": tpu_name(run_name), "launcher-role": "head"},
-            metadata=compute_v1.Metadata(items=[compute_v1.Items(key="startup-script", value=startup_script)]),
+            metadata=compute_v1.Metadata(items=[compute_v1.Items(key="startup-script", value=startup_script)] + [
+                compute_v1.Items(key=k, value=str(v)) for k, v in sorted((metadata or {}).items())]),
             service_accounts=[compute_v1.ServiceAccount(email=self.service_account or "default", scopes=SCOPES)],
         )
 
-    def _create(self, run_name: str, startup_script: str, labels: Optional[dict]) -> None:
+    def _create(self, run_name: str, startup_script: str, labels: Optional[dict],
+                metadata: Optional[dict] = None) -> None:
         name = self.instance_name(run_name)
         self.progress(f"head: creating head VM {name} ({self.machine_type} in {self.zone})")
         try:
             operation = self.client.insert(project=self.project, zone=self.zone,
-                                           instance_resource=self._instance(run_name, startup_script, labels))
+                                           instance_resource=self._instance(run_name, startup_script, labels, metadata))
         except gexc.Conflict:  # 409: AlreadyExists
             self.progress(f"head: {name} already exists (created concurrently); reusing it")
             return
@@ -286,3 +296,34 @@ class HeadVm:
             if time.monotonic() > deadline:
                 raise ProvisionError(f"timed out waiting for head VM {name} to be deleted")
             time.sleep(self.poll_s)
+
+
+def default_service_account(project: str, endpoint: Optional[str] = None) -> str:
+    """The project's default Compute Engine service account (what VMs run as without `cluster.service_account`),
+    from the Compute API's project resource."""
+    from google.cloud import compute_v1
+    from google.cloud.compute_v1.services.projects.transports.rest import ProjectsRestTransport
+
+    if endpoint:
+        from google.auth.credentials import AnonymousCredentials
+
+        url = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+        transport = ProjectsRestTransport(host=url.netloc, url_scheme=url.scheme or "http",
+                                          credentials=AnonymousCredentials())
+    else:
+        import google.auth
+        from google.auth.exceptions import DefaultCredentialsError
+
+        try:
+            credentials, _ = google.auth.default(scopes=SCOPES)
+        except DefaultCredentialsError as exc:
+            raise ProvisionError(CREDENTIALS_HINT) from exc
+        transport = ProjectsRestTransport(credentials=credentials)
+    try:
+        account = compute_v1.ProjectsClient(transport=transport).get(project=project).default_service_account
+    except gexc.GoogleAPICallError as exc:
+        raise ProvisionError(f"could not read project {project}'s default service account: {exc.message}") from exc
+    if not account:
+        raise ProvisionError(f"project {project} has no default Compute Engine service account; set "
+                             "cluster.service_account")
+    return account

@@ -2,6 +2,8 @@
 
 Uses `ray.cluster_utils.Cluster`: a real head (GCS) plus one real raylet per host, so Ray schedules,
 fails and drains them exactly as it does TPU VMs. Trainers then run on those nodes as CPU processes.
+Every node runs with `node_ip_address=127.0.0.1`, so all of the pod's ports listen on loopback only, and
+with the run's Ray token (launcher/auth.py sets it in the environment the nodes inherit).
 """
 import logging
 import socket
@@ -14,11 +16,15 @@ log = logging.getLogger("cluster.local")
 
 
 CPU_DEVICES_ENV = "LAUNCHER_CPU_DEVICES"
+LOOPBACK = "127.0.0.1"  # every Ray process of a local pod listens here only (its head, nodes, agents, dashboard)
+# Ray turns 127.0.0.1 in an address into this machine's outward IP unless its multi-machine mode is off; the
+# pod's own processes (agents, workers) must reach each other on loopback, so each node runs with it off.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def _free_port() -> int:
     with socket.socket() as s:
-        s.bind(("", 0))
+        s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
 
 
@@ -44,6 +50,7 @@ class LocalProvider:
         t0 = time.time()
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "include_dashboard": self.dashboard, "object_store_memory": 80 * 1024 * 1024,
+            "node_ip_address": LOOPBACK, "dashboard_host": LOOPBACK, "env_vars": dict(LOOPBACK_ENV),
             # a free port, not Ray's fixed default: several local pods (or tests) may run on one machine
             "dashboard_agent_listen_port": _free_port()})
         for spec in self.slices:
@@ -57,8 +64,8 @@ class LocalProvider:
     def add_host(self, spec: SliceSpec, worker_id: int, wait: bool = True):
         return self.cluster.add_node(
             wait=wait, num_cpus=self.cpus_per_host, resources=spec.host_resources(worker_id),
-            labels=spec.host_labels(worker_id), env_vars=cpu_host_env(spec, worker_id),
-            object_store_memory=80 * 1024 * 1024)
+            labels=spec.host_labels(worker_id), env_vars={**cpu_host_env(spec, worker_id), **LOOPBACK_ENV},
+            object_store_memory=80 * 1024 * 1024, node_ip_address=LOOPBACK)
 
     def repair(self, bad_node_ids=()) -> List[str]:
         """Replace each host whose Ray node died or is listed in bad_node_ids (drained): the local stand-in

@@ -24,28 +24,38 @@ def _process_start_time() -> float:
 def _run_as_job(cfg, argv) -> int:
     """Hand the run to a Ray job on the head (or find the live one) and follow its output.
 
-    Without ray.address a Ray head VM is created first (and deleted once the job is followed to its end).
+    Without ray.address a Ray head VM is created first (and deleted once the job is followed to its end); its job
+    server is reached through an SSH tunnel. The run's Ray token goes to Secret Manager first (the head and the TPU
+    VMs fetch it there), and its secret is deleted with the rest at the end.
     """
-    from launcher import job
+    from launcher import auth, job
     from launcher.supervisor import project_pythonpath
 
+    auth.publish(cfg)
     head = None
-    if cfg.ray.address:
-        ray_address = job_address = cfg.ray.address
-    else:
-        head = job.HeadForRun(cfg)
-        ray_address, job_address = head.up()
-        argv = [*argv, f"ray.address={ray_address}"]
-    client = job.connect(job_address, int(cfg.ray.dashboard_port))
-    job_id = job.live_job(client, cfg.run.name)
-    if job_id:
-        print(f"[launcher] run {cfg.run.name} is live as job {job_id}: following it", flush=True)
-    else:
-        job_id = job.submit(client, cfg.run.name, argv, {"PYTHONPATH": project_pythonpath()})
-        print(f"[launcher] submitted the supervisor as Ray job {job_id}; Ctrl-C detaches", flush=True)
-    code, finished = job.follow(client, job_id)
-    if head is not None and finished and cfg.cluster.delete_on_exit:
-        head.down()
+    try:
+        if cfg.ray.address:
+            ray_address = cfg.ray.address
+            job_url = job.job_server_url(ray_address, int(cfg.ray.dashboard_port))
+        else:
+            head = job.HeadForRun(cfg)
+            ray_address, job_url = head.up()
+            argv = [*argv, f"ray.address={ray_address}"]
+        client = job.connect(job_url)
+        job_id = job.live_job(client, cfg.run.name)
+        if job_id:
+            print(f"[launcher] run {cfg.run.name} is live as job {job_id}: following it", flush=True)
+        else:
+            job_id = job.submit(client, cfg.run.name, argv, {"PYTHONPATH": project_pythonpath()})
+            print(f"[launcher] submitted the supervisor as Ray job {job_id}; Ctrl-C detaches", flush=True)
+        code, finished = job.follow(client, job_id)
+    finally:
+        if head is not None:
+            head.close()
+    if finished and cfg.cluster.delete_on_exit:
+        if head is not None:
+            head.down()
+        auth.unpublish(cfg)
     return code
 
 
@@ -113,6 +123,14 @@ def main(argv=None) -> int:
 
         if cfg.cluster.provider != "local" and cfg.launcher.submit and not cfg.launcher.in_job:
             return _run_as_job(cfg, argv)
+        if cfg.cluster.provider != "local" and not cfg.launcher.in_job:  # supervised from this terminal
+            from launcher import auth
+
+            auth.publish(cfg)
+            code = launch(cfg, plan, started_at)
+            if cfg.cluster.delete_on_exit:
+                auth.unpublish(cfg)
+            return code
         return launch(cfg, plan, started_at)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -135,3 +135,63 @@ def check_user_cluster(address: str, token_file: Optional[str]) -> str:
         raise refused(address, source)
     use_user_token(token_file)
     return source
+
+
+def current_token() -> str:
+    """The token this process was set up with (use_token_file / use_user_token)."""
+    if os.environ.get(TOKEN_ENV, "").strip():
+        return os.environ[TOKEN_ENV].strip()
+    return read_token(os.environ[TOKEN_PATH_ENV])
+
+
+def token_accessors(cfg, say=print) -> list:
+    """Who may read the run's token in Secret Manager: the run's service account only. Unset, that is the
+    project's default compute account, which is broad: say so in one line."""
+    c = cfg.cluster
+    if c.service_account:
+        return [str(c.service_account)]
+    from cluster.head_vm import default_service_account
+
+    account = default_service_account(str(c.project), c.compute_api_endpoint)
+    say(f"warning: cluster.service_account is unset, so the VMs run as the default compute service account "
+        f"{account}, which holds broad project roles: create a narrow one (README: Security) and set "
+        f"cluster.service_account")
+    return [account]
+
+
+def publish(cfg, say=print) -> str:
+    """Before any cloud VM is created: the run's Ray token into its Secret Manager secret (cluster/secrets.py),
+    readable by the run's service account only. Returns the secret's resource name."""
+    from cluster.secrets import RunSecret
+
+    from google.api_core import exceptions as gexc
+
+    from cluster.gcp import ProvisionError
+
+    c = cfg.cluster
+    secret = RunSecret(str(c.project), endpoint=c.secret_manager_endpoint, progress=lambda m: None)
+    try:
+        name = secret.put(cfg.run.name, current_token(), token_accessors(cfg, say), dict(c.labels))
+    except (ProvisionError, gexc.GoogleAPICallError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError("cluster.project", f"could not store the run's Ray token in Secret Manager: {first}",
+                        "enable the Secret Manager API and give your account roles/secretmanager.admin "
+                        "(README: Security)") from None
+    say(f"[launcher] the run's Ray token is in Secret Manager as {name} (readable by the run's service account)")
+    return name
+
+
+def unpublish(cfg, say=print) -> None:
+    """After the run: delete its secret (cloud runs with cluster.delete_on_exit); a missing one is fine."""
+    from cluster.secrets import RunSecret
+
+    c = cfg.cluster
+    if RunSecret(str(c.project), endpoint=c.secret_manager_endpoint, progress=lambda m: None).delete(cfg.run.name):
+        say("[launcher] deleted the run's Ray token secret")
+
+
+def token_source() -> str:
+    """Where this process's token comes from, for messages (never the token itself)."""
+    if os.environ.get(TOKEN_ENV, "").strip():
+        return TOKEN_ENV
+    return os.environ.get(TOKEN_PATH_ENV, "no token")

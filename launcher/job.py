@@ -5,6 +5,7 @@ follows its logs; Ctrl-C detaches (the run goes on). Typing the same command aga
 that run (by its `launcher-run` metadata) and follows it instead of submitting a second one.
 """
 import asyncio
+import os
 import shlex
 import sys
 import time
@@ -13,6 +14,7 @@ from typing import List, Optional, Tuple
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from launcher.errors import EXIT_FAILED, EXIT_OK, UserError
+from launcher.tunnel import TunnelError
 
 LIVE = (JobStatus.PENDING, JobStatus.RUNNING)
 
@@ -22,13 +24,18 @@ def job_server_url(ray_address: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
-def connect(ray_address: str, port: int, wait_s: float = 30.0) -> JobSubmissionClient:
-    url = job_server_url(ray_address, port)
+def connect(url: str, wait_s: float = 30.0) -> JobSubmissionClient:
+    """The job server at `url`, with this process's Ray token (launcher/auth.py set it up); one line if it is
+    not there, or refuses the token."""
+    from launcher import auth
+
     deadline = time.time() + wait_s
     while True:
         try:
             return JobSubmissionClient(url)
-        except Exception as e:  # noqa: BLE001 - unreachable or no dashboard (yet): retry, then one line
+        except Exception as e:  # noqa: BLE001 - unreachable, no dashboard (yet), or our token refused: one line
+            if auth.is_auth_error(e):
+                raise auth.refused(url, auth.token_source()) from None
             if time.time() < deadline:
                 time.sleep(1.0)
                 continue
@@ -82,32 +89,62 @@ def follow(client: JobSubmissionClient, job_id: str, out=None) -> Tuple[int, boo
 
 
 class HeadForRun:
-    """The run's Ray head VM (cluster/head_vm.py): created with the staged wheel, deleted after the run."""
+    """The run's Ray head VM (cluster/head_vm.py): created with the staged wheel, deleted after the run.
+
+    Its job server listens on the head's loopback only; this terminal reaches it through an SSH tunnel to the
+    head's port 22 (launcher/tunnel.py), with the run's own key pair (public half in the VM's `ssh-keys`
+    metadata, private half 0600 in the run's record) and the head's host key pinned on first use.
+    """
 
     def __init__(self, cfg):
         from cluster.head_vm import HeadVm, make_compute_client
+        from launcher.auth import record_dir
+        from launcher.tunnel import ensure_keypair
 
         c = cfg.cluster
-        self.cfg = cfg
+        self.cfg, self.record = cfg, record_dir(cfg.run.dir)
+        self.keys = ensure_keypair(self.record, str(c.ssh_user))
+        self.tunnel = None
         self.vm = HeadVm(c.project, c.zone, client=make_compute_client(c.compute_api_endpoint),
                          machine_type=c.head_machine_type, image=c.head_image, network=c.network,
                          subnetwork=c.subnetwork, service_account=c.service_account,
-                         poll_s=0.5 if c.compute_api_endpoint else 5.0,
+                         poll_s=0.5 if c.compute_api_endpoint else 5.0, external_ip=bool(c.head_external_ip),
                          progress=lambda msg: print(f"[launcher] {msg}", flush=True))
 
     def up(self) -> Tuple[str, str]:
-        """(Ray address the TPU VMs join: internal IP, host this terminal reaches the job server on)."""
+        """(Ray address the TPU VMs join: internal IP, the job server's URL here: through the SSH tunnel)."""
+        from cluster.bootstrap import token_metadata
         from cluster.head_vm import head_startup_script
+        from launcher.tunnel import SshTunnel
         from launcher.wheel import stage_wheel
 
         c, ray_cfg = self.cfg.cluster, self.cfg.ray
         staged = stage_wheel(c.bucket)
         script = head_startup_script(staged, int(ray_cfg.port), int(ray_cfg.dashboard_port))
-        self.vm.ensure(self.cfg.run.name, script, dict(c.labels))
+        metadata = {"ssh-keys": self.keys.metadata_value(str(c.ssh_user)),
+                    **token_metadata(str(c.project), self.cfg.run.name, c.secret_manager_endpoint)}
+        self.vm.ensure(self.cfg.run.name, script, dict(c.labels), metadata=metadata)
         info = self.vm.wait_running(self.cfg.run.name)
         internal = f"{info['internal_ip']}:{int(ray_cfg.port)}"
-        reachable = info.get("external_ip") or info["internal_ip"]
-        return internal, f"{reachable}:{int(ray_cfg.port)}"
+        ssh_host = info.get("external_ip") or info["internal_ip"]
+        self.tunnel = SshTunnel(ssh_host, str(c.ssh_user), self.keys.private_path,
+                                os.path.join(self.record, "known_hosts"), remote_host="127.0.0.1",
+                                remote_port=int(ray_cfg.dashboard_port), ssh_port=int(c.head_ssh_port),
+                                connect_timeout_s=300, auth_retry_s=120)
+        try:
+            self.tunnel.open()
+        except TunnelError as e:
+            raise UserError("cluster.head_ssh_port", f"no SSH tunnel to the head VM: {e}",
+                            "check that port 22 of the head is reachable from here (firewall rule "
+                            "default-allow-ssh, or cluster.head_external_ip=false from inside the VPC)") from None
+        print(f"[launcher] job server of the head reached through an SSH tunnel to {ssh_host}", flush=True)
+        return internal, self.tunnel.url
+
+    def close(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.close()
+            self.tunnel = None
 
     def down(self) -> None:
+        self.close()
         self.vm.delete(self.cfg.run.name, wait=True)

@@ -215,6 +215,7 @@ RANGES: Dict[str, Range] = {
     "cluster.head_external_ip": BOOL,
     "cluster.ssh_user": string(f"a POSIX user name ({SSH_USER.pattern})", SSH_USER.fullmatch, "tpu-launcher"),
     "cluster.secret_manager_endpoint": URL,
+    "cluster.head_ssh_port": replace(PORT, example=22),
 
     "ray.address": unchecked("free-form: handed to Ray (HOST:PORT, ray://HOST:PORT or auto)"),
     "ray.auth_token_file": null_or(non_empty("PATH")),  # not required to exist here: the job on the head validates too

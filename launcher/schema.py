@@ -109,6 +109,7 @@ class ClusterConfig:
     host_run_root: str = "/tmp/tpu-launcher/runs"  # host-local run dirs when not shared
     head_external_ip: bool = True  # the head VM gets an external IP (reached over SSH only); false inside the VPC
     ssh_user: str = "tpu-launcher"  # the user of the run's SSH key pair on the head VM (the tunnel to its job server)
+    head_ssh_port: int = 22  # the head VM's SSH port: the one port of the head reached from outside the VPC
     secret_manager_endpoint: Optional[str] = None  # Secret Manager API override (tests), for the run's Ray token
 
 

@@ -14,6 +14,7 @@ import ray
 from omegaconf import DictConfig
 from ray.util.tpu import get_tpu_coordinator_env_vars
 
+from cluster.bootstrap import token_metadata
 from cluster.cloud import CloudProvider
 from cluster.gcp import ProvisionError
 from cluster.local import AttachedProvider, LocalProvider
@@ -54,7 +55,8 @@ def _provider(cfg: DictConfig, plan: Plan):
                              c.capacity, c.network, c.subnetwork, c.service_account, dict(c.labels),
                              endpoint=c.tpu_api_endpoint, staged=staged, timeout_s=float(c.provision_timeout_s),
                              poll_s=0.5 if c.tpu_api_endpoint else 5.0, delete_on_exit=bool(c.delete_on_exit),
-                             progress=_say)
+                             progress=_say, token_metadata=token_metadata(c.project, cfg.run.name,
+                                                                          c.secret_manager_endpoint))
     if cfg.ray.address:
         return AttachedProvider(cfg.ray.address)
     return LocalProvider(plan.slices, int(cfg.cluster.cpus_per_host), bool(cfg.ray.dashboard))

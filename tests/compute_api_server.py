@@ -42,6 +42,9 @@ _LABEL_KEY, _LABEL_VALUE = re.compile(r"[a-z][-_a-z0-9]{0,62}"), re.compile(r"[-
 _REASONS = {400: "invalid", 404: "notFound", 409: "alreadyExists"}
 
 
+DEFAULT_SERVICE_ACCOUNT = "4242-compute@developer.gserviceaccount.com"
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -64,9 +67,11 @@ class ComputeApiServer(FakeApiServer):
     thread_name = "compute-api-server"
 
     def __init__(self, tick_s: float = 0.2, op_ticks: int = 1, on_running: Optional[InstanceCallback] = None,
-                 on_delete: Optional[InstanceCallback] = None, ip: str = "127.0.0.1"):
+                 on_delete: Optional[InstanceCallback] = None, ip: str = "127.0.0.1",
+                 external_ip: Optional[str] = None, default_service_account: str = DEFAULT_SERVICE_ACCOUNT):
         super().__init__(tick_s)
-        self.op_ticks, self.ip = op_ticks, ip
+        self.op_ticks, self.ip, self.external_ip = op_ticks, ip, external_ip or ip
+        self.default_service_account = default_service_account
         self.on_running, self.on_delete = on_running, on_delete
         self.insert_bodies: list[dict] = []  # JSON bodies of instance inserts
         self.instances: dict[str, dict] = {}  # "projects/P/zones/Z/instances/NAME" -> record
@@ -126,7 +131,7 @@ class ComputeApiServer(FakeApiServer):
                         nic = record["json"]["networkInterfaces"][0]
                         nic["networkIP"] = self.ip
                         for config in nic.get("accessConfigs", []):
-                            config["natIP"] = self.ip
+                            config["natIP"] = self.external_ip
                         record["json"]["lastStartTimestamp"] = _now()
                         events.append((self.on_running, record["json"]))
             for op in self.operations.values():
@@ -161,6 +166,10 @@ class ComputeApiServer(FakeApiServer):
         return 200, self.handle(method, path, body)
 
     def handle(self, method: str, path: str, body: dict) -> dict:
+        project = re.fullmatch(r"/compute/v1/projects/([^/]+)", path)
+        if project and method == "GET":  # projects.get: what the launcher reads is the default service account
+            return {"kind": "compute#project", "name": project.group(1), "id": "4242",
+                    "defaultServiceAccount": self.default_service_account}
         match = re.fullmatch(r"/compute/v1/(projects/[^/]+/zones/[^/]+)/(instances|operations)(?:/([^/]+))?(/wait)?",
                              path)
         if not match:

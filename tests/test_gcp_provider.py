@@ -248,11 +248,21 @@ def test_no_adc(no_adc: pytest.MonkeyPatch) -> None:
 
 # bootstrap (startup script) ------------------------------------------------------------------------
 
+def headers(tmp_path) -> str:
+    """The headers the stub curl was given from files (-H @FILE): not on any command line."""
+    path = tmp_path / "calls.log.headers"
+    return path.read_text() if path.exists() else ""
+
+
 STUBS = {  # fake commands on PATH: each logs its arguments to $STUB_LOG
     "curl": r"""
 echo "curl $*" >>"$STUB_LOG"
+for a in "$@"; do case "$a" in @*) cat "${a#@}" >>"$STUB_LOG.headers" ;; esac; done  # headers from files
 case "$*" in
   *attributes/ray-head-address*) printf 10.0.0.5 ;;
+  *attributes/ray-token-secret*) [ -n "${STUB_NO_SECRET:-}" ] && exit 22; printf r1-ray-token ;;
+  *attributes/launcher-project*) printf proj ;;
+  *network-interfaces/0/ip*) printf 10.0.0.7 ;;
   *attributes/*) exit 22 ;;  # attribute not set: the script falls back to the baked-in value
   *service-accounts/default/token*) printf '{"access_token": "tok", "expires_in": 60}' ;;
   *) out= url=  # an object: served from $STUB_OBJECTS/<its name>, or empty
@@ -333,9 +343,9 @@ def test_bootstrap_script_runs_with_stubs(tmp_path) -> None:
     work = tmp_path / "work"
     wheel, lock = work / WHEEL_NAME, work / "requirements.lock"
     assert wheel.read_bytes() == WHEEL_BYTES and lock.read_bytes() == LOCK_BYTES
-    assert any("Authorization: Bearer tok" in c and "/storage/v1/b/run-bucket/o/runs%2Fr%201%2Ftpu_pod_launcher"
+    assert "Authorization: Bearer tok" in headers(tmp_path) and any("-H @/dev/fd/" in c and "/storage/v1/b/run-bucket/o/runs%2Fr%201%2Ftpu_pod_launcher"
                in c for c in calls)
-    assert any("Authorization: Bearer tok" in c and "/o/wheels%2F0123456789ab%2Frequirements.lock" in c for c in calls)
+    assert "Authorization: Bearer tok" in headers(tmp_path) and any("-H @/dev/fd/" in c and "/o/wheels%2F0123456789ab%2Frequirements.lock" in c for c in calls)
     # exactly the lock (every distribution hash-checked, none resolved), then the wheel alone: nothing else
     pips = [c for c in calls if c.startswith("python3 -m pip")]
     assert pips == [f"python3 -m pip install --quiet --require-hashes --no-deps -r {lock}",
@@ -346,8 +356,23 @@ def test_bootstrap_script_runs_with_stubs(tmp_path) -> None:
     assert "rm -f /tmp/libtpu_lockfile" in calls
     starts = [c for c in calls if c.startswith("ray start")]
     # head address from metadata; port not in metadata: the baked-in 6379
-    assert starts == ['ray start --address=10.0.0.5:6379 --resources={"launcher-host":1} --labels=launcher-run=r1']
+    assert starts == ['ray start --address=10.0.0.5:6379 --node-ip-address=10.0.0.7 '
+                      '--resources={"launcher-host":1} --labels=launcher-run=r1']
     assert calls.index("ray stop --force") < calls.index(starts[0])
+    # the run's Ray token from Secret Manager (the secret named in the metadata) before Ray starts
+    fetch = f"python3 -m cluster.secrets fetch --project proj --secret r1-ray-token --out {work / 'ray_token'} --wait-s 300"
+    assert fetch in calls and calls.index(fetch) < calls.index(starts[0])
+
+
+def test_bootstrap_refuses_to_start_ray_without_the_token_secret(tmp_path) -> None:
+    from script_stubs import run_with_stubs
+
+    with pytest.raises(subprocess.CalledProcessError):
+        run_with_stubs(bootstrap_script(), tmp_path, STUBS, {**bucket_objects(tmp_path), "STUB_NO_SECRET": "1"})
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert not any(c.startswith("ray start") for c in calls)
+    assert "[bootstrap] refusing to start Ray: no ray-token-secret in this VM's metadata" in \
+        (tmp_path / "boot.log").read_text()
 
 
 @pytest.mark.parametrize("tampered", ["wheel", "lock"])

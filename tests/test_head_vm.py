@@ -185,10 +185,21 @@ def test_server_errors_and_list(server: ComputeApiServer) -> None:
 
 # startup script --------------------------------------------------------------------------------------
 
+def headers(tmp_path) -> str:
+    """The headers the stub curl was given from files (-H @FILE): not on any command line."""
+    path = tmp_path / "calls.log.headers"
+    return path.read_text() if path.exists() else ""
+
+
 STUBS = {  # fake commands on PATH: each logs its arguments to $STUB_LOG
     "curl": r"""
 echo "curl $*" >>"$STUB_LOG"
+for a in "$@"; do case "$a" in @*) cat "${a#@}" >>"$STUB_LOG.headers" ;; esac; done  # headers from files
 case "$*" in
+  *attributes/ray-token-secret*) printf r1-ray-token ;;
+  *attributes/launcher-project*) printf proj ;;
+  *network-interfaces/0/ip*) printf 10.0.0.9 ;;
+  *attributes/*) exit 22 ;;
   *service-accounts/default/token*) printf '{"access_token": "tok", "expires_in": 60}' ;;
   *) out= url=  # an object: served from $STUB_OBJECTS/<its name>, or empty
      while [ $# -gt 0 ]; do case "$1" in -o) out="$2"; shift ;; -*) ;; *) url="$1" ;; esac; shift; done
@@ -220,8 +231,10 @@ def test_head_script_is_valid_bash_without_secrets(tmp_path) -> None:
     subprocess.run(["bash", "-n", str(path)], check=True)
     assert script.startswith("#!/bin/bash\n")
     assert "Metadata-Flavor: Google" in script and "metadata.google.internal/computeMetadata/v1" in script
-    assert ("ray start --head --port=6380 --dashboard-host=0.0.0.0 --dashboard-port=8266 \\\n"
+    assert ('ray start --head --port=6380 ${INTERNAL_IP:+--node-ip-address="$INTERNAL_IP"} \\\n'
+            "  --dashboard-host=127.0.0.1 --dashboard-port=8266 \\\n"
             "  --include-dashboard=true --num-cpus=0") in script
+    assert "0.0.0.0" not in script
     for secret in ("BEGIN PRIVATE KEY", "private_key", "client_secret", "refresh_token", "ya29.", "AIza",
                    "GOOGLE_APPLICATION_CREDENTIALS", "gcloud"):
         assert secret not in script
@@ -249,15 +262,18 @@ def test_head_script_runs_with_stubs(tmp_path) -> None:
     assert wheel.read_bytes() == WHEEL_BYTES and lock.read_bytes() == LOCK_BYTES
     assert "apt-get install -y -qq python3-venv python3-pip" in calls
     assert f"python3 -m venv {work / 'venv'}" in calls
-    assert any("Authorization: Bearer tok" in c and "/storage/v1/b/run-bucket/o/wheels%2Fabc123%2Ftpu_pod_launcher"
+    assert "Authorization: Bearer tok" in headers(tmp_path) and any("-H @/dev/fd/" in c and "/storage/v1/b/run-bucket/o/wheels%2Fabc123%2Ftpu_pod_launcher"
                in c for c in calls)
-    assert any("Authorization: Bearer tok" in c and "/o/wheels%2Ffedcba987654%2Frequirements.lock" in c for c in calls)
+    assert "Authorization: Bearer tok" in headers(tmp_path) and any("-H @/dev/fd/" in c and "/o/wheels%2Ffedcba987654%2Frequirements.lock" in c for c in calls)
     # exactly the lock (hash-checked, nothing resolved), then the wheel alone, into the venv
     assert [c for c in calls if " -m pip" in c] == [
         f"venv-python -m pip install --quiet --require-hashes --no-deps -r {lock}",
         f"venv-python -m pip install --quiet --no-deps --force-reinstall {wheel}"]
-    start = ("venv-ray start --head --port=6379 --dashboard-host=0.0.0.0 --dashboard-port=8265 "
-             "--include-dashboard=true --num-cpus=0 --disable-usage-stats")
+    start = ("venv-ray start --head --port=6379 --node-ip-address=10.0.0.9 --dashboard-host=127.0.0.1 "
+             "--dashboard-port=8265 --include-dashboard=true --num-cpus=0 --disable-usage-stats")
+    fetch = (f"venv-python -m cluster.secrets fetch --project proj --secret r1-ray-token --out {work / 'ray_token'} "
+             "--wait-s 300")
+    assert fetch in calls and calls.index(fetch) < calls.index(start)
     assert start in calls and calls.index("venv-ray stop --force") < calls.index(start)
     assert not any(c.startswith("system-ray") for c in calls)
     assert "Bearer tok" not in (tmp_path / "head.log").read_text()

@@ -6,6 +6,7 @@ head address from a local metadata server, fetches the staged wheel from the buc
 `ray start`s a local Ray node advertising what a v4-32 TPU VM does; on delete or preemption the host's
 processes are killed. The launcher sees only the API and Ray.
 """
+import json
 import os
 import queue
 import signal
@@ -14,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 import ray
@@ -22,10 +25,12 @@ from ray.cluster_utils import Cluster
 
 from cluster import catalog
 from podutil import ROOT, TINY, explain, launch, read_json, read_jsonl
+from secret_manager_server import SecretManagerServer
 from tpu_api_server import TpuApiServer
 from tpu_vm import BootedHosts
 
 pytestmark = pytest.mark.integration
+RUN_SA = "run-sa@test-project.iam.gserviceaccount.com"
 
 
 class Cli:
@@ -82,10 +87,16 @@ def tpu_cloud(gcs_emulator, tmp_path):
     hosts = BootedHosts(cluster, tmp_path / "tpu-vms")
     server = TpuApiServer(tick_s=0.2, on_ready=hosts.on_ready, on_delete=hosts.on_delete)
     server.start()
+    secrets = SecretManagerServer()
+    secrets.start()
+    # What every launch on it passes: the Secret Manager server that holds the run's Ray token, the run's SA.
+    server.secret_args = [f"cluster.secret_manager_endpoint={secrets.url}", f"cluster.service_account={RUN_SA}"]
+    server.secrets = secrets
     try:
         yield cluster, server, hosts
     finally:
         server.stop()
+        secrets.shutdown()
         hosts.close()
         cluster.shutdown()
 
@@ -97,7 +108,7 @@ def test_v4_32_launch_through_tpu_api(tpu_cloud, tmp_path, corpus_cache, gcs_emu
                   "checkpoint.every=4", "cluster.project=test-project", f"cluster.tpu_api_endpoint={server.url}",
                   f"ray.address={cluster.address}", f"ray.dashboard_port={cluster.dashboard_port}",
                   f"cluster.bucket=gs://{gcs_emulator.bucket}/cloud", f"cluster.host_run_root={tmp_path}/vm-disks",
-                  "checkpoint.ocdbt=false",
+                  "checkpoint.ocdbt=false", *server.secret_args,
                   "launcher.preflight=false", timeout=600)
     assert proc.returncode == 0, explain(proc) + f"\nboot errors: {hosts.errors}"
     assert not hosts.errors
@@ -145,6 +156,49 @@ def test_v4_32_launch_through_tpu_api(tpu_cloud, tmp_path, corpus_cache, gcs_emu
     assert url.startswith(f"gs://{gcs_emulator.bucket}/cloud/wheels/") and url.endswith(".whl")
     blob = client.bucket(gcs_emulator.bucket).blob(url.split("/", 3)[3])
     assert blob.exists()
+    # The Ray token (the user's, for this ray.address) reached the VMs through Secret Manager only, readable by the
+    # run's service account alone; neither it nor the VMs' access token is anywhere else.
+    assert_no_leaks(run_dir, tmp_path, server, [session_ray_token(), fake_api_token()])
+    # The secret was readable by the run's service account alone, and was deleted with the run's resources.
+    assert node["metadata"]["ray-token-secret"] == "cloud-v4-ray-token"
+    assert any(m == "POST" and p.split("?")[0].endswith("cloud-v4-ray-token:setIamPolicy")
+               for m, p, _ in server.secrets.bodies)
+    set_policy = [json.loads(b) for m, p, b in server.secrets.bodies if p.split("?")[0].endswith(":setIamPolicy")]
+    assert [b["members"] for b in set_policy[-1]["policy"]["bindings"]] == [[f"serviceAccount:{RUN_SA}"]]
+    assert not server.secrets.secrets
+
+
+def session_ray_token() -> str:
+    with open(os.environ["RAY_AUTH_TOKEN_PATH"]) as f:
+        return f.read().strip()
+
+
+def fake_api_token() -> str:
+    from tpu_vm import FAKE_TOKEN
+
+    return FAKE_TOKEN
+
+
+def assert_no_leaks(run_dir, tmp_path, api, secrets_, extra_bodies=()):
+    """No file of the run dir or of the fake VMs (logs, scripts), no TPU/Compute API request body and no Secret
+    Manager request but the token's own addVersion holds any of `secrets_`."""
+    token_files = {os.path.realpath(p) for p in (os.path.join(run_dir, "auth", "ray_token"),)}
+    for root in (run_dir, tmp_path / "vm-disks", tmp_path / "tpu-vms"):
+        for dirpath, _, names in os.walk(root):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                if os.path.realpath(path) in token_files or name == "ray_token" or os.path.islink(path):
+                    continue  # the token's own 0600 files (run record, each VM's fetched copy)
+                with open(path, "rb") as f:
+                    data = f.read()
+                for s in secrets_:
+                    assert s.encode() not in data, f"{s[:6]}... leaked into {path}"
+    bodies = [json.dumps(b) for b in api.create_bodies] + [json.dumps(b) for b in extra_bodies]
+    for s in secrets_:
+        assert not any(s in b for b in bodies), f"{s[:6]}... in an API request body"
+        mentions = api.secrets.mentions(s.encode())
+        assert all(p.split("?")[0].endswith(":addVersion") for _, p in mentions), mentions
+    assert api.secrets.mentions(secrets_[0].encode()), "the Ray token never went to Secret Manager"
 
 
 def test_detach_and_reattach_to_the_supervisor_job(tpu_cloud, tmp_path, corpus_cache, gcs_emulator):
@@ -155,7 +209,7 @@ def test_detach_and_reattach_to_the_supervisor_job(tpu_cloud, tmp_path, corpus_c
             f"ray.address={cluster.address}", f"ray.dashboard_port={cluster.dashboard_port}",
             # the bucket holds the wheel the TPU VM's startup script installs before it joins the head
             f"cluster.bucket=gs://{gcs_emulator.bucket}/detach", f"cluster.host_run_root={tmp_path}/vm-disks",
-            "checkpoint.ocdbt=false", "launcher.preflight=false"]
+            "checkpoint.ocdbt=false", "launcher.preflight=false", *server.secret_args]
     first = Cli(hosts, *args)
     assert first.pump_until(lambda: any("Ctrl-C detaches" in line for line in first.out), timeout=120)
     first.proc.send_signal(signal.SIGINT)
@@ -172,18 +226,35 @@ def test_detach_and_reattach_to_the_supervisor_job(tpu_cloud, tmp_path, corpus_c
 
 
 def test_cloud_run_creates_and_deletes_its_ray_head_vm(gcs_emulator, tmp_path, corpus_cache):
-    """No ray.address: the launcher creates a Ray head VM (Compute Engine API), runs the supervisor there as a
-    Ray job, provisions the TPU through it, and deletes both at the end."""
+    """No ray.address: the launcher creates a Ray head VM (Compute Engine API), puts the run's Ray token in Secret
+    Manager, reaches the head's job server (loopback only) through an SSH tunnel with the run's own key, runs the
+    supervisor there as a Ray job, provisions the TPU through it, and deletes all of it at the end."""
     from compute_api_server import ComputeApiServer
+    from ray._raylet import AuthenticationTokenLoader  # test-only: swap this process's token for the head's
 
-    ray_port, dash_port = _free_port(), _free_port()
+    from cluster.secrets import fetch
+    from launcher import auth
+    from ssh_server import SshServer
+
+    ray_port, dash_port, ssh_port = _free_port(), _free_port(), _free_port()
     state = {}
     todo = queue.Queue()
+    saved_token_path = os.environ["RAY_AUTH_TOKEN_PATH"]
 
-    def start_head(instance):  # the head VM's startup script: `ray start --head` (on the main thread)
+    def start_head(instance):  # what the head VM's startup script does (on the main thread)
+        md = {item["key"]: item["value"] for item in instance["metadata"]["items"]}
+        # sshd with the run's public key from the `ssh-keys` metadata (as GCE's guest agent installs it)
+        state["ssh"] = SshServer(md["ssh-keys"].split(":", 1)[1], port=ssh_port)
+        state["ssh"].start()
+        # the run's Ray token from Secret Manager, with the secret named in the metadata
+        token_file = str(tmp_path / "head-vm" / "ray_token")
+        fetch(md["launcher-project"], md["ray-token-secret"], token_file, endpoint=md["secret-manager-endpoint"])
+        os.environ["RAY_AUTH_TOKEN_PATH"] = token_file
+        AuthenticationTokenLoader.instance().reset_cache()
+        # `ray start --head`: Ray's ports on the VM's (internal) address, the job server on loopback only
         state["head"] = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "gcs_server_port": ray_port,
-            "include_dashboard": True, "dashboard_host": "0.0.0.0", "dashboard_port": dash_port,
+            "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dash_port,
             "dashboard_agent_listen_port": _free_port(),
             "object_store_memory": 80 * 1024 * 1024})
         state["hosts"] = BootedHosts(state["head"], tmp_path / "tpu-vms")
@@ -196,18 +267,23 @@ def test_cloud_run_creates_and_deletes_its_ray_head_vm(gcs_emulator, tmp_path, c
             if "hosts" in state:
                 state["hosts"].pump()
 
-    # The VM's IP is this machine's (where Ray's nodes register), as a VM's internal IP would be.
-    compute = ComputeApiServer(on_running=lambda inst: todo.put(lambda: start_head(inst)),
-                               ip=ray.util.get_node_ip_address())
+    # The VM's internal IP is this machine's (where Ray's nodes register); its external IP, where this terminal
+    # reaches its sshd, is loopback (where the test's sshd listens).
+    machine_ip = ray.util.get_node_ip_address()
+    compute = ComputeApiServer(on_running=lambda inst: todo.put(lambda: start_head(inst)), ip=machine_ip,
+                               external_ip="127.0.0.1")
     state["server"] = TpuApiServer(tick_s=0.2)
+    secrets = SecretManagerServer()
     compute.start()
     state["server"].start()
+    secrets.start()
     try:
         run_dir = tmp_path / "headless"
         proc = Cli(Pump(), "+cluster=v4-8", "run.name=headless", f"run.dir={run_dir}", *TINY, "trainer.steps=2",
                    "checkpoint.every=2", "checkpoint.ocdbt=false", "cluster.project=test-project",
                    f"cluster.tpu_api_endpoint={state['server'].url}",
                    f"cluster.compute_api_endpoint={compute.url}", f"cluster.bucket=gs://{gcs_emulator.bucket}/hl",
+                   f"cluster.secret_manager_endpoint={secrets.url}", f"cluster.head_ssh_port={ssh_port}",
                    f"ray.port={ray_port}", f"ray.dashboard_port={dash_port}", "launcher.preflight=false").finish()
         boot_errors = state["hosts"].errors if "hosts" in state else None
         assert proc.returncode == 0, explain(proc) + f"\nboot errors: {boot_errors}"
@@ -217,13 +293,46 @@ def test_cloud_run_creates_and_deletes_its_ray_head_vm(gcs_emulator, tmp_path, c
         assert insert["labels"]["launcher-run"] == "headless"
         assert compute.count("DELETE", "instances/headless-head") == 1  # the head VM is gone
         assert not compute.instances and not state["server"].queued_resources
+        # Unset cluster.service_account: the default compute account reads the secret, with a warning.
+        assert "warning: cluster.service_account is unset" in proc.stdout
+        # The job server was reached only through the SSH tunnel, with the run's key, to the head's loopback.
+        ssh = state["ssh"]
+        assert ssh.accepted_auth and not ssh.refused_auth
+        assert any(dest[:2] == ("127.0.0.1", dash_port) for dest in ssh.forwarded), ssh.forwarded
+        keys = run_dir / "auth"
+        assert (keys / "ssh_key").stat().st_mode & 0o077 == 0
+        assert ssh.host_public_key.split()[1] in (keys / "known_hosts").read_text()  # the host key is pinned
+        md = {item["key"]: item["value"] for item in insert["metadata"]["items"]}
+        pub = (keys / "ssh_key.pub").read_text().split()
+        assert md["ssh-keys"].startswith(f"tpu-launcher:{pub[0]} {pub[1]}")
+        # The head's job server listens on its loopback only and refuses a request without the token; its GCS
+        # refuses a client without it.
+        with pytest.raises(OSError):
+            socket.create_connection((machine_ip, dash_port), timeout=5).close()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{dash_port}/api/jobs/", timeout=10)
+        assert refused.value.code == 401
+        assert auth.probe(f"{machine_ip}:{ray_port}", "") == "refused"
+        assert auth.probe(f"{machine_ip}:{ray_port}", (keys / "ray_token").read_text().strip()) == "ok"
+        # Neither the run's token nor the VMs' access token is in any file, script, metadata or API request body
+        # (but the token's own addVersion to Secret Manager); the secret was deleted at the end.
+        api = state["server"]
+        api.secrets = secrets
+        assert_no_leaks(run_dir, tmp_path, api, [(keys / "ray_token").read_text().strip(), fake_api_token()],
+                        extra_bodies=compute.insert_bodies)
+        assert not secrets.secrets
     finally:
         state["server"].stop()
         compute.stop()
+        secrets.shutdown()
         if "hosts" in state:
             state["hosts"].close()
         if "head" in state:
             state["head"].shutdown()
+        if "ssh" in state:
+            state["ssh"].stop()
+        os.environ["RAY_AUTH_TOKEN_PATH"] = saved_token_path
+        AuthenticationTokenLoader.instance().reset_cache()
 
 
 def test_preempted_tpu_node_is_reprovisioned_and_the_run_resumes_exactly(tpu_cloud, tmp_path, corpus_cache,
@@ -243,7 +352,8 @@ def test_preempted_tpu_node_is_reprovisioned_and_the_run_resumes_exactly(tpu_clo
               "cluster.project=test-project", f"cluster.tpu_api_endpoint={server.url}",
               f"ray.address={cluster.address}", f"ray.dashboard_port={cluster.dashboard_port}",
               f"cluster.bucket=gs://{gcs_emulator.bucket}/pre", f"cluster.host_run_root={tmp_path}/vm-disks",
-              "launcher.preflight=false", "supervisor.backoff_s=0.2", "watchdog.heartbeat_s=0.2")
+              "launcher.preflight=false", "supervisor.backoff_s=0.2", "watchdog.heartbeat_s=0.2",
+              *server.secret_args)
 
     client = storage.Client(project="test")
 

@@ -235,7 +235,9 @@ class TpuVmHost:
 
     def env(self) -> Dict[str, str]:
         pythonpath = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
-        return {**os.environ, "PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
+        # A VM starts with no Ray token of this machine's: its script must fetch the run's from Secret Manager.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        return {**inherited, "PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
                 "PYTHONPATH": pythonpath, **cpu_host_env(self.spec, self.worker_id),
                 "TPU_LAUNCHER_BOOTSTRAP_LOG": str(self.boot_log), "TPU_LAUNCHER_WORKDIR": str(self.workdir)}
 
@@ -259,8 +261,9 @@ class TpuVmHost:
         wheels = sorted(self.workdir.glob("*.whl"))
         if "[bootstrap]" not in log or f"joined {head}" not in log:
             problems.append("no '[bootstrap] ... joined' line in its log")
-        if not any(c.startswith("curl ") and f"Bearer {FAKE_TOKEN}" in c for c in calls):
-            problems.append("did not fetch the wheel with the service account's token")
+        if not any(c.startswith("curl ") and "service-accounts/default/token" in c for c in calls) or \
+                not any(c.startswith("curl ") and "-H @/dev/fd/" in c and "storage" in c for c in calls):
+            problems.append("did not fetch the wheel with the service account's token (in a header from a pipe)")
         if len(wheels) != 1 or not zipfile.is_zipfile(wheels[0]) or \
                 "cluster/bootstrap.py" not in zipfile.ZipFile(wheels[0]).namelist():
             problems.append(f"no project wheel fetched into its workdir: {wheels}")
@@ -286,6 +289,9 @@ class TpuVmHost:
             problems.append("did not clean the TPU host")
         if not any(c.startswith(f"ray start --address={head} ") for c in calls):
             problems.append("did not `ray start` against the head")
+        token = self.workdir / "ray_token"
+        if not token.is_file() or (token.stat().st_mode & 0o077) or "wrote the Ray token" not in log:
+            problems.append("did not fetch the run's Ray token from Secret Manager into a 0600 file")
         return [f"{self.spec.name} host {self.worker_id}: {p}; log tail: {log[-800:]!r}" for p in problems]
 
     def session_pids(self) -> List[int]:
