@@ -125,7 +125,10 @@ def test_ray_drain_for_preemption_is_a_notice(tmp_path, reference):
     drain = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "drain-node",
                             f"--address={address}", f"--node-id={node}",
                             "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=spot VM reclaimed",
-                            "--deadline-remaining-seconds=60"], capture_output=True, text=True, timeout=60)
+                            "--deadline-remaining-seconds=60"], capture_output=True, text=True, timeout=60,
+                           # the pod listens on loopback only and takes the run's own token (its record)
+                           env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                                "RAY_AUTH_TOKEN_PATH": os.path.join(run_dir, "auth", "ray_token")})
     assert drain.returncode == 0, drain.stderr
     summary = _summary(chaos, chaos.finish())
     assert summary["params_digest"] == reference["params_digest"]
