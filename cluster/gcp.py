@@ -33,18 +33,15 @@ class ProvisionError(Exception):
     """Cloud TPU capacity could not be obtained or managed (no credentials, FAILED, suspended, timeout)."""
 
 
-def make_client(endpoint: Optional[str] = None) -> Any:
-    """A `tpu_v2.TpuClient` over REST: default credentials, or anonymous ones against `endpoint` (tests)."""
-    from google.cloud import tpu_v2
-    from google.cloud.tpu_v2.services.tpu.transports.rest import TpuRestTransport
-
+def rest_transport_args(endpoint: Optional[str] = None) -> dict:
+    """Keyword arguments for any google-cloud client's REST transport: against `endpoint` (http://HOST:PORT, our
+    test servers) its host, scheme and anonymous credentials; else the default credentials, or ProvisionError
+    with the hint to log in. The one place that decides how our Google API clients authenticate."""
     if endpoint:
         from google.auth.credentials import AnonymousCredentials
 
         url = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
-        transport = TpuRestTransport(host=url.netloc, url_scheme=url.scheme or "http",
-                                     credentials=AnonymousCredentials())
-        return tpu_v2.TpuClient(transport=transport)
+        return {"host": url.netloc, "url_scheme": url.scheme or "http", "credentials": AnonymousCredentials()}
     import google.auth
     from google.auth.exceptions import DefaultCredentialsError
 
@@ -52,7 +49,15 @@ def make_client(endpoint: Optional[str] = None) -> Any:
         credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
     except DefaultCredentialsError as exc:
         raise ProvisionError(CREDENTIALS_HINT) from exc
-    return tpu_v2.TpuClient(transport=TpuRestTransport(credentials=credentials))
+    return {"credentials": credentials}
+
+
+def make_client(endpoint: Optional[str] = None) -> Any:
+    """A `tpu_v2.TpuClient` over REST: default credentials, or anonymous ones against `endpoint` (tests)."""
+    from google.cloud import tpu_v2
+    from google.cloud.tpu_v2.services.tpu.transports.rest import TpuRestTransport
+
+    return tpu_v2.TpuClient(transport=TpuRestTransport(**rest_transport_args(endpoint)))
 
 
 def tpu_name(run_name: str) -> str:

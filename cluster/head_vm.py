@@ -18,12 +18,11 @@ from __future__ import annotations
 import shlex
 import time
 from typing import Any, Callable, Optional
-from urllib.parse import urlsplit
 
 from google.api_core import exceptions as gexc
 
 from cluster.bootstrap import METADATA_URL, staged_args
-from cluster.gcp import CREDENTIALS_HINT, ProvisionError, tpu_name, wait_operation
+from cluster.gcp import ProvisionError, rest_transport_args, tpu_name, wait_operation
 
 ALIVE = {"PROVISIONING", "STAGING", "RUNNING", "REPAIRING"}
 DEAD = {"STOPPING", "PENDING_STOP", "STOPPED", "SUSPENDING", "SUSPENDED", "TERMINATED"}
@@ -41,30 +40,19 @@ def make_compute_client(endpoint: Optional[str] = None) -> Any:
     from google.cloud import compute_v1
     from google.cloud.compute_v1.services.instances.transports.rest import InstancesRestTransport
 
+    args = rest_transport_args(endpoint)
     if endpoint:
-        from google.auth.credentials import AnonymousCredentials
         from google.cloud.compute_v1.services.zone_operations.transports.rest import ZoneOperationsRestTransport
 
-        url = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
-        scheme, credentials = url.scheme or "http", AnonymousCredentials()
-        operations = compute_v1.ZoneOperationsClient(transport=ZoneOperationsRestTransport(
-            host=url.netloc, url_scheme=scheme, credentials=credentials))
+        operations = compute_v1.ZoneOperationsClient(transport=ZoneOperationsRestTransport(**args))
 
         class _EndpointInstancesTransport(InstancesRestTransport):
             @property
             def _zone_operations_client(self) -> Any:  # what the client's extended operations poll
                 return operations
 
-        return compute_v1.InstancesClient(transport=_EndpointInstancesTransport(
-            host=url.netloc, url_scheme=scheme, credentials=credentials))
-    import google.auth
-    from google.auth.exceptions import DefaultCredentialsError
-
-    try:
-        credentials, _ = google.auth.default(scopes=SCOPES)
-    except DefaultCredentialsError as exc:
-        raise ProvisionError(CREDENTIALS_HINT) from exc
-    return compute_v1.InstancesClient(transport=InstancesRestTransport(credentials=credentials))
+        return compute_v1.InstancesClient(transport=_EndpointInstancesTransport(**args))
+    return compute_v1.InstancesClient(transport=InstancesRestTransport(**args))
 
 
 _HEAD_TEMPLATE = r"""#!/bin/bash
@@ -304,21 +292,7 @@ def default_service_account(project: str, endpoint: Optional[str] = None) -> str
     from google.cloud import compute_v1
     from google.cloud.compute_v1.services.projects.transports.rest import ProjectsRestTransport
 
-    if endpoint:
-        from google.auth.credentials import AnonymousCredentials
-
-        url = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
-        transport = ProjectsRestTransport(host=url.netloc, url_scheme=url.scheme or "http",
-                                          credentials=AnonymousCredentials())
-    else:
-        import google.auth
-        from google.auth.exceptions import DefaultCredentialsError
-
-        try:
-            credentials, _ = google.auth.default(scopes=SCOPES)
-        except DefaultCredentialsError as exc:
-            raise ProvisionError(CREDENTIALS_HINT) from exc
-        transport = ProjectsRestTransport(credentials=credentials)
+    transport = ProjectsRestTransport(**rest_transport_args(endpoint))
     try:
         account = compute_v1.ProjectsClient(transport=transport).get(project=project).default_service_account
     except gexc.GoogleAPICallError as exc:

@@ -21,14 +21,12 @@ import re
 import sys
 import time
 from typing import Any, Callable, Optional, Sequence
-from urllib.parse import urlsplit
 
 from google.api_core import exceptions as gexc
 
-from cluster.gcp import CREDENTIALS_HINT, ProvisionError, tpu_name
+from cluster.gcp import ProvisionError, rest_transport_args, tpu_name
 
 ACCESSOR_ROLE = "roles/secretmanager.secretAccessor"
-SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
 _SECRET_ID = re.compile(r"[A-Za-z0-9_-]{1,255}")
 _EMAIL = re.compile(r"[^@\s/:]+@[^@\s/:]+")
 # What a VM's fetch waits out when asked to (--wait-s): the secret not created yet, IAM not yet propagated
@@ -45,22 +43,8 @@ def make_secret_client(endpoint: Optional[str] = None) -> Any:
         SecretManagerServiceRestTransport,
     )
 
-    if endpoint:
-        from google.auth.credentials import AnonymousCredentials
-
-        url = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
-        transport = SecretManagerServiceRestTransport(host=url.netloc, url_scheme=url.scheme or "http",
-                                                      credentials=AnonymousCredentials())
-        return secretmanager.SecretManagerServiceClient(transport=transport)
-    import google.auth
-    from google.auth.exceptions import DefaultCredentialsError
-
-    try:
-        credentials, _ = google.auth.default(scopes=SCOPES)
-    except DefaultCredentialsError as exc:
-        raise ProvisionError(CREDENTIALS_HINT) from exc
-    return secretmanager.SecretManagerServiceClient(transport=SecretManagerServiceRestTransport(
-        credentials=credentials))
+    return secretmanager.SecretManagerServiceClient(
+        transport=SecretManagerServiceRestTransport(**rest_transport_args(endpoint)))
 
 
 def secret_id(run_name: str) -> str:
