@@ -46,7 +46,12 @@ def _run_as_job(cfg, argv) -> int:
         if job_id:
             print(f"[launcher] run {cfg.run.name} is live as job {job_id}: following it", flush=True)
         else:
-            job_id = job.submit(client, cfg.run.name, argv, {"PYTHONPATH": project_pythonpath()})
+            env = {"PYTHONPATH": project_pythonpath()}
+            if cfg.cluster.bucket:  # the job on the head provisions with what this terminal staged
+                from launcher.wheel import staged_env, staged_for_run
+
+                env.update(staged_env(staged_for_run(cfg.cluster.bucket)[0]))
+            job_id = job.submit(client, cfg.run.name, argv, env)
             print(f"[launcher] submitted the supervisor as Ray job {job_id}; Ctrl-C detaches", flush=True)
         code, finished = job.follow(client, job_id)
     finally:

@@ -116,10 +116,10 @@ class HeadForRun:
         from cluster.bootstrap import token_metadata
         from cluster.head_vm import head_startup_script
         from launcher.tunnel import SshTunnel
-        from launcher.wheel import stage_wheel
+        from launcher.wheel import staged_for_run
 
         c, ray_cfg = self.cfg.cluster, self.cfg.ray
-        staged = stage_wheel(c.bucket)
+        staged, _ = staged_for_run(c.bucket)
         script = head_startup_script(staged, int(ray_cfg.port), int(ray_cfg.dashboard_port))
         metadata = {"ssh-keys": self.keys.metadata_value(str(c.ssh_user)),
                     **token_metadata(str(c.project), self.cfg.run.name, c.secret_manager_endpoint)}

@@ -45,11 +45,12 @@ def _provider(cfg: DictConfig, plan: Plan):
     if c.provider == "gcp":
         staged = None
         if c.bucket:
-            from launcher.wheel import stage_wheel
+            from launcher.wheel import staged_for_run
 
-            staged = stage_wheel(c.bucket)
-            _say(f"project wheel staged at {staged.wheel_url} (sha256 {staged.wheel_sha256[:12]}...), its "
-                 f"hash-locked requirements at {staged.lock_url}")
+            staged, earlier = staged_for_run(c.bucket)
+            _say(f"project wheel {'(staged by the launching terminal) ' if earlier else 'staged '}at "
+                 f"{staged.wheel_url} (sha256 {staged.wheel_sha256[:12]}...), its hash-locked requirements at "
+                 f"{staged.lock_url}")
         return CloudProvider(plan.slice, cfg.ray.address, c.project, c.zone,
                              c.runtime_version or plan.tpu.default_runtime_version, cfg.run.name, plan.num_slices,
                              c.capacity, c.network, c.subnetwork, c.service_account, dict(c.labels),

@@ -446,3 +446,29 @@ def stage_wheel(bucket: str, cache_dir: str | None = None) -> Staged:
             f.write(lock_text.encode("utf-8"))
         lock_url, lock_sha = _upload(lock_path, bucket, "lock")
     return Staged(wheel_url, wheel_sha, lock_url, lock_sha)
+
+
+# The launching terminal stages once; the supervisor's Ray job on the head (an installed copy, no checkout to build
+# from) gets what it staged through this variable of the job's env, so the VMs install exactly what was planned.
+STAGED_ENV = "TPU_LAUNCHER_STAGED"
+
+
+def staged_for_run(bucket: str) -> tuple[Staged, bool]:
+    """(what this run's VMs install, whether it was staged by an earlier step of this launch): the staging in
+    TPU_LAUNCHER_STAGED if set, else a fresh stage_wheel from this checkout (then kept there for the job)."""
+    raw = os.environ.get(STAGED_ENV)
+    if raw:
+        try:
+            return Staged(**json.loads(raw)), True
+        except (TypeError, ValueError) as exc:
+            raise WheelError(f"{STAGED_ENV} does not describe a staged wheel ({exc})",
+                             "unset it; it is set by the launcher for its job on the head") from None
+    staged = stage_wheel(bucket)
+    os.environ[STAGED_ENV] = staged_env(staged)[STAGED_ENV]
+    return staged, False
+
+
+def staged_env(staged: Staged) -> dict:
+    """The env entry that hands `staged` to the supervisor's job (hashes and URLs: nothing secret)."""
+    return {STAGED_ENV: json.dumps({"wheel_url": staged.wheel_url, "wheel_sha256": staged.wheel_sha256,
+                                    "lock_url": staged.lock_url, "lock_sha256": staged.lock_sha256})}

@@ -149,6 +149,8 @@ def test_v4_32_launch_through_tpu_api(tpu_cloud, tmp_path, corpus_cache, gcs_emu
     # The supervisor ran as a Ray job on the head; this terminal followed its output.
     assert "submitted the supervisor as Ray job launcher-cloud-v4-" in proc.stdout
     assert "[host 0] step 4/4" in proc.stdout
+    # The job on the head provisioned with what this terminal staged (it has no checkout to build from).
+    assert "project wheel (staged by the launching terminal) at gs://" in proc.stdout
     # The VMs' startup script installs the wheel the launcher staged in the run's bucket.
     script = node["metadata"]["startup-script"]
     url = next(line for line in script.splitlines() if line.startswith("WHEEL_URL="))
