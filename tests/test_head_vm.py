@@ -110,9 +110,23 @@ def test_insert_body(server: ComputeApiServer) -> None:
     assert nic["accessConfigs"][0]["type"] == "ONE_TO_ONE_NAT"
     assert body["serviceAccounts"] == [{"email": "head@proj.iam.gserviceaccount.com",
                                         "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}]
-    head_for(server, external_ip=False).ensure("internal-only", script)
+    head_for(server, external_ip=False).ensure("internal-only", script,
+                                               metadata={"ssh-keys": "tpu-launcher:ssh-ed25519 AAAA tpu-launcher",
+                                                         "ray-token-secret": "internal-only-ray-token"})
     assert "accessConfigs" not in server.insert_bodies[1]["networkInterfaces"][0]
     assert server.insert_bodies[1]["serviceAccounts"][0]["email"] == "default"
+    # the run's public SSH key and the token secret's name (never a secret) ride along in the metadata
+    assert server.insert_bodies[1]["metadata"]["items"] == [
+        {"key": "startup-script", "value": script},
+        {"key": "ray-token-secret", "value": "internal-only-ray-token"},
+        {"key": "ssh-keys", "value": "tpu-launcher:ssh-ed25519 AAAA tpu-launcher"}]
+
+
+def test_default_service_account_from_the_project(server: ComputeApiServer) -> None:
+    from cluster.head_vm import default_service_account
+    from compute_api_server import DEFAULT_SERVICE_ACCOUNT
+
+    assert default_service_account(PROJECT, server.url) == DEFAULT_SERVICE_ACCOUNT
 
 
 def test_ensure_is_idempotent(server: ComputeApiServer) -> None:
