@@ -82,6 +82,10 @@ def _use_run_token(cfg) -> None:
             os.environ.update(LOOPBACK_ENV)
         auth.check_user_cluster(str(cfg.ray.address), cfg.ray.auth_token_file)
         return
+    from launcher.rundir import RunDir
+
+    if RunDir(cfg.run.dir).is_locked():
+        return  # a live launch owns the run (and its token): this command only follows it, and writes nothing
     auth.use_token_file(auth.run_token_file(cfg.run.dir))
     if local:
         os.environ.update(LOOPBACK_ENV)
