@@ -15,6 +15,8 @@ import signal
 import time
 from typing import Iterable, List, Optional, Tuple
 
+from trainer.heartbeat import process_start_time  # the (pid, start time) identity heartbeats record
+
 LIBTPU_LOCKFILE = "/tmp/libtpu_lockfile"
 TPU_DEVICE_GLOBS = ("/dev/accel*", "/dev/vfio/[0-9]*")
 
@@ -25,17 +27,6 @@ def _cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
-
-
-def process_start_time(pid: int) -> Optional[int]:
-    """When process `pid` started, in clock ticks since boot (/proc/<pid>/stat field 22), or None if there is
-    no such process. Exact and fixed for the process's life, so (pid, start time) names one process: a pid
-    reused by a later process has a later start time."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def kill_recorded(processes: Iterable) -> Tuple[List[int], List[dict]]:

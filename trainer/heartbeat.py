@@ -1,6 +1,6 @@
 """Per-host heartbeat: `${run.dir}/hosts/host-<i>.json` with pid, step, phase and times, for the watchdog.
 
-`pid_start_time` (the process's start time, cluster/hygiene.py::process_start_time) lets host hygiene tell
+`pid_start_time` (the process's start time, `process_start_time`) lets host hygiene (cluster/hygiene.py) tell
 this trainer from a later process that reused its pid.
 
 A background thread rewrites the file every `interval_s` (atomically), so a frozen process (SIGSTOP, a
@@ -14,7 +14,16 @@ import threading
 import time
 from typing import Optional
 
-from cluster.hygiene import process_start_time
+
+def process_start_time(pid: int) -> Optional[int]:
+    """When process `pid` started, in clock ticks since boot (/proc/<pid>/stat field 22), or None if there is
+    no such process. Exact and fixed for the process's life, so (pid, start time) names one process: a pid
+    reused by a later process has a later start time."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def heartbeat_path(run_dir: str, host: int) -> str:
