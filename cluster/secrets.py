@@ -54,15 +54,8 @@ def secret_id(run_name: str) -> str:
 
 def crc32c(data: bytes) -> int:
     """CRC32C (Castagnoli) of `data`, as Secret Manager's `data_crc32c` carries it."""
-    try:
-        import google_crc32c
-    except ImportError:  # pure Python: tokens are tiny
-        crc = 0xFFFFFFFF
-        for byte in data:
-            crc ^= byte
-            for _ in range(8):
-                crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
-        return crc ^ 0xFFFFFFFF
+    import google_crc32c  # google-cloud-storage's own dependency
+
     return int(google_crc32c.value(data))
 
 
