@@ -117,7 +117,9 @@ def test_ray_drain_for_preemption_is_a_notice(tmp_path, reference):
 
     run_dir = str(tmp_path / "drain")
     chaos = Chaos(run_dir, "run.name=drain", f"run.dir={run_dir}", *RUN, *FAST)
-    chaos.until(attempt=0, step=8, host=1)
+    # Early, so the run is still training when the drain shows (the `ray drain-node` CLI itself takes seconds to
+    # start, and the supervisor looks at node status every 2 s).
+    chaos.until(attempt=0, step=3, host=1)
     events = read_jsonl(os.path.join(run_dir, "events.jsonl"))
     address = next(e["address"] for e in events if e["event"] == "ray_ready")
     placed = next(e["hosts"] for e in events if e["event"] == "hosts_placed")
