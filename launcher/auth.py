@@ -50,39 +50,47 @@ def use_token_file(path: str) -> None:
 def user_token(token_file: Optional[str]) -> Tuple[str, str]:
     """(token, where it came from) for a cluster the user named (`ray.address`): `ray.auth_token_file`, else
     RAY_AUTH_TOKEN, else RAY_AUTH_TOKEN_PATH, else Ray's default ~/.ray/auth_token. UserError if none."""
-    candidates = []
     if token_file:
-        candidates.append(("ray.auth_token_file", os.path.expanduser(str(token_file)), True))
+        return _read_user_token(os.path.expanduser(str(token_file)), "ray.auth_token_file", required=True), \
+            "ray.auth_token_file"
     if os.environ.get(TOKEN_ENV, "").strip():
         return os.environ[TOKEN_ENV].strip(), TOKEN_ENV
     if os.environ.get(TOKEN_PATH_ENV):
-        candidates.append((TOKEN_PATH_ENV, os.environ[TOKEN_PATH_ENV], True))
-    candidates.append(("~/.ray/auth_token", os.path.expanduser("~/.ray/auth_token"), False))
-    for source, path, required in candidates:
-        try:
-            token = read_token(path)
-        except OSError as e:
-            if required:
-                key = "ray.auth_token_file" if source == "ray.auth_token_file" else "ray.address"
-                raise UserError(key, f"cannot read the Ray token file {path} ({source}): {e.strerror}",
-                                "point it at the cluster's token file") from None
-            continue
-        if token:
-            return token, source
+        return _read_user_token(os.environ[TOKEN_PATH_ENV], TOKEN_PATH_ENV, required=True), TOKEN_PATH_ENV
+    token = _read_user_token(os.path.expanduser("~/.ray/auth_token"), "~/.ray/auth_token", required=False)
+    if token:
+        return token, "~/.ray/auth_token"
     raise UserError("ray.auth_token_file", "no Ray token for the cluster at ray.address (the launcher joins only "
                     "clusters with token authentication)", "start that cluster with RAY_AUTH_MODE=token and set "
                     "RAY_AUTH_TOKEN_PATH or ray.auth_token_file to its token file")
 
 
+def _read_user_token(path: str, source: str, required: bool) -> str:
+    try:
+        token = read_token(path)
+    except OSError as e:
+        if not required:
+            return ""
+        key = "ray.auth_token_file" if source == "ray.auth_token_file" else "ray.address"
+        raise UserError(key, f"cannot read the Ray token file {path} ({source}): {e.strerror}",
+                        "point it at the cluster's token file") from None
+    if not token and required:
+        raise UserError("ray.auth_token_file" if source == "ray.auth_token_file" else "ray.address",
+                        f"the Ray token file {path} ({source}) is empty", "point it at the cluster's token file")
+    return token
+
+
 def use_user_token(token_file: Optional[str]) -> str:
     """Set this process up to join the user's cluster with the token they supplied; returns its source."""
-    token, source = user_token(token_file)
+    _, source = user_token(token_file)
     os.environ[MODE_ENV] = "token"
-    if source != TOKEN_ENV:
-        path = os.path.expanduser(str(token_file)) if source == "ray.auth_token_file" else \
-            os.environ.get(TOKEN_PATH_ENV) or os.path.expanduser("~/.ray/auth_token")
-        os.environ[TOKEN_PATH_ENV] = os.path.abspath(path)
-    del token
+    if source == "ray.auth_token_file":
+        os.environ[TOKEN_PATH_ENV] = os.path.abspath(os.path.expanduser(str(token_file)))
+        os.environ.pop(TOKEN_ENV, None)  # Ray would prefer it over the file
+    elif source == "~/.ray/auth_token":
+        os.environ[TOKEN_PATH_ENV] = os.path.expanduser("~/.ray/auth_token")
+    elif source == TOKEN_PATH_ENV:
+        os.environ[TOKEN_PATH_ENV] = os.path.abspath(os.environ[TOKEN_PATH_ENV])
     return source
 
 
