@@ -193,9 +193,18 @@ def unpublish(cfg, say=print) -> None:
     """After the run: delete its secret (cloud runs with cluster.delete_on_exit); a missing one is fine."""
     from cluster.secrets import RunSecret
 
+    from google.api_core import exceptions as gexc
+
+    from cluster.gcp import ProvisionError
+
     c = cfg.cluster
-    if RunSecret(str(c.project), endpoint=c.secret_manager_endpoint, progress=lambda m: None).delete(cfg.run.name):
-        say("[launcher] deleted the run's Ray token secret")
+    secret = RunSecret(str(c.project), endpoint=c.secret_manager_endpoint, progress=lambda m: None)
+    try:
+        if secret.delete(cfg.run.name):
+            say("[launcher] deleted the run's Ray token secret")
+    except (ProvisionError, gexc.GoogleAPICallError) as e:  # cleanup: said, not raised, the run's outcome stands
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        say(f"warning: could not delete the run's Ray token secret {secret.name(cfg.run.name)}: {first}")
 
 
 def token_source() -> str:
