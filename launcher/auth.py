@@ -11,7 +11,7 @@ import secrets
 from typing import Optional, Tuple
 
 from cluster.secrets import write_token_file
-from launcher.errors import UserError
+from launcher.errors import UserError, first_line
 
 RECORD_DIR = "auth"  # ${run.dir}/auth, mode 0700: the run's token, SSH key pair and pinned head host key
 TOKEN_FILE = "ray_token"
@@ -47,51 +47,49 @@ def use_token_file(path: str) -> None:
     os.environ.pop(TOKEN_ENV, None)  # would take precedence over the file
 
 
-def user_token(token_file: Optional[str]) -> Tuple[str, str]:
-    """(token, where it came from) for a cluster the user named (`ray.address`): `ray.auth_token_file`, else
-    RAY_AUTH_TOKEN, else RAY_AUTH_TOKEN_PATH, else Ray's default ~/.ray/auth_token. UserError if none."""
+def user_token(token_file: Optional[str]) -> Tuple[str, str, Optional[str]]:
+    """(token, where it came from, its file or None for RAY_AUTH_TOKEN) for a cluster the user named
+    (`ray.address`): `ray.auth_token_file`, else RAY_AUTH_TOKEN, else RAY_AUTH_TOKEN_PATH, else Ray's default
+    ~/.ray/auth_token. UserError if none."""
     if token_file:
-        return _read_user_token(os.path.expanduser(str(token_file)), "ray.auth_token_file", required=True), \
-            "ray.auth_token_file"
+        path = os.path.abspath(os.path.expanduser(str(token_file)))
+        return _read_user_token(path, "ray.auth_token_file", required=True), "ray.auth_token_file", path
     if os.environ.get(TOKEN_ENV, "").strip():
-        return os.environ[TOKEN_ENV].strip(), TOKEN_ENV
+        return os.environ[TOKEN_ENV].strip(), TOKEN_ENV, None
     if os.environ.get(TOKEN_PATH_ENV):
-        return _read_user_token(os.environ[TOKEN_PATH_ENV], TOKEN_PATH_ENV, required=True), TOKEN_PATH_ENV
-    token = _read_user_token(os.path.expanduser("~/.ray/auth_token"), "~/.ray/auth_token", required=False)
+        path = os.path.abspath(os.environ[TOKEN_PATH_ENV])
+        return _read_user_token(path, TOKEN_PATH_ENV, required=True), TOKEN_PATH_ENV, path
+    path = os.path.expanduser("~/.ray/auth_token")
+    token = _read_user_token(path, "~/.ray/auth_token", required=False)
     if token:
-        return token, "~/.ray/auth_token"
+        return token, "~/.ray/auth_token", path
     raise UserError("ray.auth_token_file", "no Ray token for the cluster at ray.address (the launcher joins only "
                     "clusters with token authentication)", "start that cluster with RAY_AUTH_MODE=token and set "
                     "RAY_AUTH_TOKEN_PATH or ray.auth_token_file to its token file")
 
 
 def _read_user_token(path: str, source: str, required: bool) -> str:
+    key = "ray.auth_token_file" if source == "ray.auth_token_file" else "ray.address"
     try:
         token = read_token(path)
     except OSError as e:
         if not required:
             return ""
-        key = "ray.auth_token_file" if source == "ray.auth_token_file" else "ray.address"
         raise UserError(key, f"cannot read the Ray token file {path} ({source}): {e.strerror}",
                         "point it at the cluster's token file") from None
     if not token and required:
-        raise UserError("ray.auth_token_file" if source == "ray.auth_token_file" else "ray.address",
-                        f"the Ray token file {path} ({source}) is empty", "point it at the cluster's token file")
+        raise UserError(key, f"the Ray token file {path} ({source}) is empty", "point it at the cluster's token file")
     return token
 
 
-def use_user_token(token_file: Optional[str]) -> str:
-    """Set this process up to join the user's cluster with the token they supplied; returns its source."""
-    _, source = user_token(token_file)
-    os.environ[MODE_ENV] = "token"
-    if source == "ray.auth_token_file":
-        os.environ[TOKEN_PATH_ENV] = os.path.abspath(os.path.expanduser(str(token_file)))
-        os.environ.pop(TOKEN_ENV, None)  # Ray would prefer it over the file
-    elif source == "~/.ray/auth_token":
-        os.environ[TOKEN_PATH_ENV] = os.path.expanduser("~/.ray/auth_token")
-    elif source == TOKEN_PATH_ENV:
-        os.environ[TOKEN_PATH_ENV] = os.path.abspath(os.environ[TOKEN_PATH_ENV])
-    return source
+def use_user_token(token_file: Optional[str]) -> Tuple[str, str]:
+    """Set this process up to join the user's cluster with the token they supplied; (token, its source)."""
+    token, source, path = user_token(token_file)
+    if path is None:  # RAY_AUTH_TOKEN itself, which Ray reads
+        os.environ[MODE_ENV] = "token"
+    else:
+        use_token_file(path)
+    return token, source
 
 
 def refused(address: str, source: str) -> UserError:
@@ -137,11 +135,9 @@ def probe(address: str, token: str, timeout_s: float = 10.0) -> str:
 def check_user_cluster(address: str, token_file: Optional[str]) -> str:
     """Before anything is provisioned: the user's cluster at `ray.address` accepts the token they supplied.
     Sets this process up to use it and returns its source; UserError (one line) if it is refused."""
-    token, source = user_token(token_file)
-    verdict = probe(address.split("://")[-1], token)
-    if verdict == "refused":
+    token, source = use_user_token(token_file)
+    if probe(address.split("://")[-1], token) == "refused":
         raise refused(address, source)
-    use_user_token(token_file)
     return source
 
 
@@ -181,8 +177,7 @@ def publish(cfg, say=print) -> str:
     try:
         name = secret.put(cfg.run.name, current_token(), token_accessors(cfg, say), dict(c.labels))
     except (ProvisionError, gexc.GoogleAPICallError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError("cluster.project", f"could not store the run's Ray token in Secret Manager: {first}",
+        raise UserError("cluster.project", f"could not store the run's Ray token in Secret Manager: {first_line(e)}",
                         "enable the Secret Manager API and give your account roles/secretmanager.admin "
                         "(README: Security)") from None
     say(f"[launcher] the run's Ray token is in Secret Manager as {name} (readable by the run's service account)")
@@ -203,8 +198,7 @@ def unpublish(cfg, say=print) -> None:
         if secret.delete(cfg.run.name):
             say("[launcher] deleted the run's Ray token secret")
     except (ProvisionError, gexc.GoogleAPICallError) as e:  # cleanup: said, not raised, the run's outcome stands
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        say(f"warning: could not delete the run's Ray token secret {secret.name(cfg.run.name)}: {first}")
+        say(f"warning: could not delete the run's Ray token secret {secret.name(cfg.run.name)}: {first_line(e)}")
 
 
 def token_source() -> str:

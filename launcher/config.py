@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from launcher import schema
-from launcher.errors import UserError
+from launcher.errors import UserError, first_line
 
 
 def _has_cluster_choice(overrides: Sequence[str]) -> bool:
@@ -29,7 +29,7 @@ def compose_config(overrides: Sequence[str]) -> DictConfig:
         if not _has_cluster_choice(overrides):
             overrides.insert(0, "+cluster=local")
     except HydraException as e:
-        raise UserError("overrides", _first_line(e), "use key=value, +group=option") from None
+        raise UserError("overrides", first_line(e), "use key=value, +group=option") from None
     schema.register()
     GlobalHydra.instance().clear()
     try:
@@ -42,16 +42,11 @@ def compose_config(overrides: Sequence[str]) -> DictConfig:
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
-        raise UserError(_key_of(e), _first_line(e), "fix the interpolation") from None
+        raise UserError(_key_of(e), first_line(e), "fix the interpolation") from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise UserError(missing[0], "is required but not set", f"pass {missing[0]}=VALUE")
     return cfg
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def _key_of(e: BaseException) -> str:
@@ -60,10 +55,10 @@ def _key_of(e: BaseException) -> str:
 
 
 def _composition_error(e: BaseException) -> UserError:
-    msg = _first_line(e)
+    msg = first_line(e)
     cause = e.__cause__ or e.__context__
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
-        return UserError(str(cause.full_key), _first_line(cause), "check the key name and type against conf/")
+        return UserError(str(cause.full_key), first_line(cause), "check the key name and type against conf/")
     if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None):
         return UserError(str(e.full_key), msg, "check the key name and type against conf/")
     found = re.search(r"Could not (?:find|load) '([^/']+)/?([^']*)'", msg)

@@ -12,6 +12,12 @@ class UserError(Exception):
         super().__init__(msg)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none): what a one-line error shows."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USER_ERROR = 2

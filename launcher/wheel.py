@@ -23,7 +23,7 @@ import time
 import tomllib
 from dataclasses import dataclass
 
-from launcher.errors import UserError
+from launcher.errors import UserError, first_line
 from trainer.data.storage import GCS_SCHEME, open_store
 
 log = logging.getLogger(__name__)
@@ -221,8 +221,7 @@ def _upload(path: str, bucket: str, what: str) -> tuple[str, str]:
             log.warning("%s: %s holds other bytes (%s differs); uploading it again", what, url, how)
         store.write_bytes(name, data)
     except Exception as exc:  # noqa: BLE001 - any storage failure becomes one line for the user
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise WheelError(f"uploading the {what} to {url} failed: {type(exc).__name__}: {first}",
+        raise WheelError(f"uploading the {what} to {url} failed: {type(exc).__name__}: {first_line(exc)[:300]}",
                          "check the bucket exists and the credentials may write to it") from exc
     log.info("%s: uploaded %s (%d bytes) in %.2fs", what, url, len(data), time.perf_counter() - t0)
     return url, sha

@@ -41,13 +41,13 @@ def test_user_token_precedence(tmp_path, clean_env):
     home = tmp_path / "home" / ".ray"
     home.mkdir(parents=True)
     (home / "auth_token").write_text("c" * 64)
-    assert auth.user_token(None) == ("c" * 64, "~/.ray/auth_token")
+    assert auth.user_token(None)[:2] == ("c" * 64, "~/.ray/auth_token")
     clean_env.setenv(auth.TOKEN_PATH_ENV, str(env_file))
-    assert auth.user_token(None) == ("b" * 64, auth.TOKEN_PATH_ENV)
+    assert auth.user_token(None) == ("b" * 64, auth.TOKEN_PATH_ENV, str(env_file))
     clean_env.setenv(auth.TOKEN_ENV, "d" * 64)
-    assert auth.user_token(None) == ("d" * 64, auth.TOKEN_ENV)
-    assert auth.user_token(str(config_file)) == ("a" * 64, "ray.auth_token_file")
-    assert auth.use_user_token(str(config_file)) == "ray.auth_token_file"
+    assert auth.user_token(None) == ("d" * 64, auth.TOKEN_ENV, None)
+    assert auth.user_token(str(config_file)) == ("a" * 64, "ray.auth_token_file", str(config_file))
+    assert auth.use_user_token(str(config_file)) == ("a" * 64, "ray.auth_token_file")
     assert os.environ[auth.TOKEN_PATH_ENV] == str(config_file) and os.environ[auth.MODE_ENV] == "token"
     assert auth.TOKEN_ENV not in os.environ  # Ray would prefer it over the file the user named
     empty = tmp_path / "empty"
