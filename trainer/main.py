@@ -110,22 +110,31 @@ def main(argv=None) -> int:
             "preemption notice: all hosts stopped at step %d with a checkpoint there; exiting to be restarted",
             result["final_step"])
         heartbeat.finish(EXIT_RESTARTABLE, "preemption")
+        _leave_together()
         return EXIT_RESTARTABLE
     if args.process_id == 0:
         result["attempt"] = args.attempt
         write_result(cfg.run.dir, result)
     events("done", step=result["final_step"])
     heartbeat.finish(EXIT_OK, "done")
-    try:
-        import jax
-
-        jax.distributed.shutdown()
-    except Exception:  # noqa: BLE001 - best effort; the result is already written
-        pass
+    _leave_together()
     logging.getLogger("trainer.progress").info("done at step %d | test loss %.4f | params %s",
                                                result["final_step"], result["eval"]["eval_loss"],
                                                result["params_digest"][:16])
     return EXIT_OK
+
+
+def _leave_together() -> None:
+    """Leave the JAX program through its shutdown barrier, after this host's exit is on record. Host 0 runs
+    the coordination service: exiting without the barrier kills it while another host may still be waiting
+    for its checkpoint to finish, and that host then aborts instead of recording a clean exit."""
+    import jax
+
+    try:
+        jax.distributed.shutdown()
+    except Exception as e:  # noqa: BLE001 - best effort; this host's exit and checkpoint are already recorded
+        first = (str(e).splitlines() or [repr(e)])[0]
+        logging.getLogger("trainer").warning("jax.distributed.shutdown failed: %s", first)
 
 
 if __name__ == "__main__":
