@@ -1,0 +1,176 @@
+"""The run-directory contract: file names and layout, JSONL append/read, atomic write, exit codes, phase names.
+
+The trainer writes the run directory through this module; the launcher and every `tpu-launch` command read it
+through this module. It is the only thing the two rooms share, and it imports nothing heavy (no jax, no ray), so
+a command such as `tpu-launch status` starts in a fraction of a second.
+
+Layout of `${run.dir}`:
+    config.yaml              the composed config of the latest launch
+    summary.json             the outcome of the latest launch (written by the launcher at its end)
+    result.json              host 0's final figures (result.previous.json: the launch before)
+    metrics.jsonl            one record per logged step and per eval (host 0)
+    events.jsonl             timing points of every host and the launcher
+    goodput.jsonl            the goodput ledger (host 0 and the launcher)
+    hosts/host-<i>.json      heartbeat of host i: pid, step, phase, exit
+    logs/host-<i>.log        stdout and stderr of host i
+    checkpoints/<step>/      orbax checkpoints
+    pod.json                 the local pod's processes, while one is up
+    lock                     held (fcntl) by the live launcher
+    plan.json                the dry run's plan
+    tb/                      TensorBoard event files (host 0)
+    report.png               the run's report
+    auth/                    the run's Ray token and SSH keys (0700)
+"""
+import json
+import os
+from typing import Any, Iterator, List, Optional, Union
+
+CONFIG = "config.yaml"
+SUMMARY = "summary.json"
+RESULT = "result.json"
+RESULT_PREVIOUS = "result.previous.json"
+METRICS = "metrics.jsonl"
+EVENTS = "events.jsonl"
+GOODPUT = "goodput.jsonl"
+HOSTS = "hosts"
+LOGS = "logs"
+CHECKPOINTS = "checkpoints"
+POD = "pod.json"
+LOCK = "lock"
+PLAN = "plan.json"
+TB = "tb"
+REPORT = "report.png"
+AUTH = "auth"
+
+# Exit codes of the trainer and of the launcher's command.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USER_ERROR = 2  # bad config, data, checkpoint or credentials: restarting will not help
+EXIT_RESTARTABLE = 42  # preempted (checkpoint saved) or storage down past its retries: restart the slice
+
+# Heartbeat phases (hosts/host-<i>.json "phase"). Saves and evals carry their step: save-<step>, eval-<split>-<step>.
+PHASE_INIT = "init"
+PHASE_RESTORE = "restore"
+PHASE_COMPILE = "compile"
+PHASE_TRAIN = "train"
+PHASE_SAVE_WAIT = "save-wait"
+PHASE_EXITED = "exited"
+STARTUP_PHASES = frozenset({PHASE_INIT, PHASE_RESTORE, PHASE_COMPILE})
+
+# Exit reasons a host records with its exit code (heartbeat "exit": {"code", "reason"}).
+REASON_DONE = "done"
+REASON_PREEMPTION = "preemption"
+REASON_USER_ERROR = "user_error"
+REASON_STORAGE = "storage"
+REASON_EXCEPTION = "exception"
+
+
+def save_phase(step: int) -> str:
+    return f"save-{int(step)}"
+
+
+def eval_phase(split: str, step: int) -> str:
+    return f"eval-{split}-{int(step)}"
+
+
+def is_save_phase(phase: Optional[str]) -> bool:
+    return bool(phase) and str(phase).startswith("save-")
+
+
+def path(run_dir: str, *parts: str) -> str:
+    return os.path.join(run_dir, *parts)
+
+
+def heartbeat_file(run_dir: str, host: int) -> str:
+    return os.path.join(run_dir, HOSTS, f"host-{int(host)}.json")
+
+
+def host_log(run_dir: str, host: int) -> str:
+    return os.path.join(run_dir, LOGS, f"host-{int(host)}.log")
+
+
+def host_ids(run_dir: str, kind: str = LOGS) -> List[int]:
+    """The host numbers that have a file in logs/ (or hosts/), in order."""
+    prefix, suffix = "host-", ".log" if kind == LOGS else ".json"
+    found = []
+    try:
+        names = os.listdir(os.path.join(run_dir, kind))
+    except OSError:
+        return []
+    for name in names:
+        if name.startswith(prefix) and name.endswith(suffix) and name[len(prefix):-len(suffix)].isdigit():
+            found.append(int(name[len(prefix):-len(suffix)]))
+    return sorted(found)
+
+
+def _default(x: Any):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def append_jsonl(file: str, record: dict) -> None:
+    """One O_APPEND write per record, so several processes may append to the same file safely."""
+    line = (json.dumps(record, sort_keys=True, default=_default) + "\n").encode()
+    os.makedirs(os.path.dirname(file) or ".", exist_ok=True)
+    fd = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def iter_jsonl(file: str) -> Iterator[dict]:
+    """The records of a JSONL file, in order. A torn last line (a writer died mid-write), an undecodable line or a
+    line that is not an object is skipped; a missing file has no records."""
+    try:
+        with open(file, "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for line in data.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            yield record
+
+
+def read_jsonl(file: str) -> List[dict]:
+    return list(iter_jsonl(file))
+
+
+def write_atomic(file: str, data: Union[str, bytes], mode: int = 0o644) -> None:
+    """Write a whole file so readers see the old content or the new, never a part: a temp file next to it (named by
+    pid, so concurrent writers do not collide), then os.replace."""
+    os.makedirs(os.path.dirname(file) or ".", exist_ok=True)
+    tmp = f"{file}.{os.getpid()}.tmp"
+    raw = data.encode() if isinstance(data, str) else data
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+        os.replace(tmp, file)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass  # never created, or already renamed
+        raise
+
+
+def write_json(file: str, obj: Any) -> None:
+    write_atomic(file, json.dumps(obj, indent=2, sort_keys=True, default=_default) + "\n")
+
+
+def read_json(file: str) -> Optional[Any]:
+    """A JSON file's content, or None if it is missing, half-written or unreadable."""
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
