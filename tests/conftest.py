@@ -137,3 +137,17 @@ def _clear_gcsfs_cache():
     except ImportError:  # pragma: no cover
         return
     gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, corpus_cache):
+    """One completed 2-host local run (model=tiny, 12 steps, checkpoints every 4, evals every 4), trained once per
+    session and shared by the tests that only read a finished run (status, logs, report, TensorBoard, the
+    completed-run shortcut). Read it only; copy it (shutil.copytree) to change it. Returns its run directory."""
+    from podutil import TINY, explain, launch
+
+    run_dir = str(tmp_path_factory.mktemp("trained") / "trained")
+    proc = launch("run.name=trained", f"run.dir={run_dir}", *TINY, "trainer.steps=12", "optimizer.decay_steps=12",
+                  "optimizer.warmup_steps=3", "checkpoint.every=4")
+    assert proc.returncode == 0, explain(proc)
+    return run_dir
