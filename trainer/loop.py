@@ -1,5 +1,4 @@
 """The train/eval loop run by every host: restore or init, stream batches, step, log, evaluate, checkpoint."""
-import json
 import logging
 import math
 import os
@@ -13,9 +12,11 @@ import numpy as np
 from trainer.checkpoint import Checkpointer
 from trainer.data.stream import BatchStream, eval_batches, read_manifest
 from trainer.digest import params_digest
-from trainer.events import EventLog, append_jsonl
+from trainer.events import EventLog
 from trainer.model import ModelSpec, TransformerLM
 from trainer.optim import make_optimizer
+from trainer.runfiles import (METRICS, PHASE_COMPILE, PHASE_RESTORE, PHASE_SAVE_WAIT, PHASE_TRAIN, RESULT,
+                              append_jsonl, eval_phase, save_phase, write_json)
 from trainer.sharding import batch_sharding, local_rows, make_mesh
 from trainer.state import abstract_state, count_params, create_state, state_shardings
 from trainer.step import make_eval_step, make_train_step
@@ -58,7 +59,7 @@ class Loop:
 
     def evaluate(self, params, split: str, step: int) -> Dict[str, float]:
         t0 = time.time()
-        self.beat(phase=f"eval-{split}-{step}")
+        self.beat(phase=eval_phase(split, step))
         totals = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
         for local in eval_batches(self.data_path, split, self.batch, self.seq_len, self.shard_index,
                                   self.shard_count, int(self.cfg.trainer.eval_batches), manifest=self.manifest):
@@ -75,7 +76,7 @@ class Loop:
         progress.info("eval %-5s step %d | loss %.4f | ppl %.2f | acc %.4f", split, step, loss,
                       result["eval_ppl"], result["eval_acc"])
         if self.is_host0:
-            append_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), result)
+            append_jsonl(os.path.join(self.run_dir, METRICS), result)
         self.goodput("eval", seconds=result["eval_s"], split=split)
         return result
 
@@ -87,7 +88,7 @@ class Loop:
                             cfg.checkpoint.get("ocdbt", True), on_event=ev)
         restored = None
         if cfg.checkpoint.resume:
-            self.beat(phase="restore")
+            self.beat(phase=PHASE_RESTORE)
             t_restore = time.time()
             target = abstract_state(self.model, self.tx, self.mesh, self.seq_len, shardings)
             restored = ckpt.restore_latest(target)
@@ -111,12 +112,12 @@ class Loop:
         self.eval_step = make_eval_step(self.model, self.mesh, shardings)
         ev("ready", step=start_step, since_start_s=round(time.time() - self.start_time, 4))
         self.goodput("start_step", step=start_step)
-        self.beat(step=start_step, phase="compile")
+        self.beat(step=start_step, phase=PHASE_COMPILE)
         ready_time = time.time()
 
         log_every, eval_every, ckpt_every = (int(cfg.trainer.log_every), int(cfg.trainer.eval_every),
                                              int(cfg.checkpoint.every))
-        metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
+        metrics_path = os.path.join(self.run_dir, METRICS)
         final_loss: Optional[float] = None
         mark_time, mark_step, data_wait = time.time(), start_step, 0.0
         excluded = 0.0  # eval and save time since the mark: not step time
@@ -133,13 +134,13 @@ class Loop:
                 # checked without blocking, so the watchdog sees real progress and lost steps are exact.
                 in_flight.append((done, metrics["loss"]))
                 while in_flight and in_flight[0][1].is_ready():
-                    self.beat(step=in_flight.popleft()[0], phase="train")
+                    self.beat(step=in_flight.popleft()[0], phase=PHASE_TRAIN)
                 first = step == start_step
                 preempt = self.preempted(done)
                 if first or done % log_every == 0 or done == self.steps or preempt:
                     loss = float(metrics["loss"])  # blocks until the step is finished
                     in_flight.clear()
-                    self.beat(step=done, phase="train")
+                    self.beat(step=done, phase=PHASE_TRAIN)
                     now = time.time()
                     n = done - mark_step
                     step_time = (now - mark_time) / n
@@ -170,22 +171,22 @@ class Loop:
                     t_eval = time.time()
                     self.evaluate(state["params"], "val", done)
                     excluded += time.time() - t_eval
-                    self.beat(phase="train")
+                    self.beat(phase=PHASE_TRAIN)
                 if done % ckpt_every == 0 or done == self.steps:
                     t_save = time.time()
-                    self.beat(phase=f"save-{done}")
+                    self.beat(phase=save_phase(done))
                     blocked = ckpt.save(done, state, stream.state())
                     self.goodput("save", step=done, blocking_s=round(blocked, 4))
                     excluded += time.time() - t_save
-                    self.beat(phase="train")
+                    self.beat(phase=PHASE_TRAIN)
                 ckpt.check_errors()
             if preempted_at is not None:
                 # All hosts agreed on this step after a preemption notice: save exactly here, then stop.
-                self.beat(phase=f"save-{preempted_at}")
+                self.beat(phase=save_phase(preempted_at))
                 blocked = ckpt.save(preempted_at, state, stream.state())
                 self.goodput("save", step=preempted_at, blocking_s=round(blocked, 4))
             t_wait = time.time()
-            self.beat(phase="save-wait")
+            self.beat(phase=PHASE_SAVE_WAIT)
             ckpt.wait()
             self.goodput("save", step=None, blocking_s=round(time.time() - t_wait, 4))
         finally:
@@ -211,8 +212,4 @@ class Loop:
 
 
 def write_result(run_dir: str, result: dict) -> None:
-    path = os.path.join(run_dir, "result.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    write_json(os.path.join(run_dir, RESULT), result)
