@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     show_cfg = "--cfg" in argv
     argv = [a for a in argv if a != "--cfg"]
     from launcher.config import compose_config, to_yaml
-    from launcher.errors import EXIT_USER_ERROR, UserError
+    from launcher.errors import UserError
+    from trainer.runfiles import EXIT_USER_ERROR
 
     try:
         cfg = compose_config(argv)

@@ -9,8 +9,9 @@ whose actor died shows HOST_LOST.
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from trainer.runfiles import EXIT_RESTARTABLE, PHASE_INIT
+
 HOST_LOST = -1  # the host's actor or Ray node died: no exit code
-EXIT_RESTARTABLE = 42
 HEALTHY_NODE_STATES = {"READY", "CREATING", "STARTING", "RESTARTING"}
 
 PREEMPTION, CRASH, HANG, TIMEOUT, STORAGE, USER_ERROR = ("preemption", "crash", "hang", "timeout", "storage",
@@ -68,7 +69,7 @@ def classify(ev: Evidence) -> Failure:
     signalled = [i for i, c in failed.items() if c > 128]
     if signalled:  # the others' errors (a peer vanished from a collective) follow from this one
         i = signalled[0]
-        if ev.phases.get(i) == "init" and failed[i] == 128 + 6:  # jax.distributed aborts when it cannot join
+        if ev.phases.get(i) == PHASE_INIT and failed[i] == 128 + 6:  # jax.distributed aborts when it cannot join
             return Failure(TIMEOUT, i, f"host {i} aborted while joining jax.distributed (trainer.init_timeout_s)")
         return Failure(CRASH, i, f"host {i} was killed by signal {failed[i] - 128} (exit code {failed[i]})")
     i = next(iter(failed))

@@ -37,7 +37,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from launcher.__main__ import main as launch
 
         return launch(argv)
-    from launcher.errors import EXIT_USER_ERROR, UserError
+    from launcher.errors import UserError
+    from trainer.runfiles import EXIT_USER_ERROR
 
     args = _parser().parse_args(argv)
     try:

@@ -17,7 +17,3 @@ def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USER_ERROR = 2

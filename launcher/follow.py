@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from launcher.errors import EXIT_FAILED, EXIT_OK
+from trainer.runfiles import EXIT_FAILED, EXIT_OK
 from launcher.logtail import LogTail
 from launcher.rundir import RunDir
 

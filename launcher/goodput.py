@@ -50,33 +50,18 @@ Semantics of summarize(records, now):
     its `end` step).
   - attempts: the number of distinct attempt numbers seen.
 """
-import json
 import math
 from typing import Any, Dict, Iterable, List, Optional
+
+from trainer.runfiles import read_jsonl
 
 BUCKETS = ("init", "startup", "data_wait", "checkpoint_save", "restore", "wasted_progress",
            "infrastructure_recovery", "other")
 
 
 def read(path: str) -> List[dict]:
-    """The records of a goodput.jsonl; a torn last line (a writer died mid-write) or any undecodable line is
-    skipped; a missing file is no records."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return []
-    records = []
-    for line in data.split(b"\n"):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    """The records of a goodput.jsonl (trainer/runfiles.read_jsonl: a torn or undecodable line is skipped)."""
+    return read_jsonl(path)
 
 
 def _num(x: Any) -> Optional[float]:

@@ -13,7 +13,8 @@ from typing import List, Optional, Tuple
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from launcher.errors import EXIT_FAILED, EXIT_OK, UserError
+from launcher.errors import UserError
+from trainer.runfiles import EXIT_FAILED, EXIT_OK
 from launcher.tunnel import TunnelError
 
 LIVE = (JobStatus.PENDING, JobStatus.RUNNING)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from cluster import catalog
 from launcher.errors import UserError
 from launcher.validate import Plan
+from trainer import runfiles
 
 GiB = 1024 ** 3
 
@@ -96,9 +97,6 @@ def describe(p: dict) -> str:
 
 
 def write_plan(run_dir: str, p: dict) -> str:
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, "plan.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(p, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    path = os.path.join(run_dir, runfiles.PLAN)
+    runfiles.write_json(path, p)
     return path

@@ -1,4 +1,4 @@
-"""The run directory contract: config.yaml, metrics.jsonl, events.jsonl, summary.json, logs/, and the lock.
+"""The launcher's handle on a run directory: its lock, and its files (named and written by trainer/runfiles.py).
 
 The lock is an fcntl lock on `${run.dir}/lock` held for the life of the launcher: the kernel drops it when
 the process dies, so a stale lock from a dead launcher never blocks the next one.
@@ -11,7 +11,7 @@ import time
 from typing import Optional
 
 from launcher.errors import UserError
-from trainer.events import append_jsonl
+from trainer import runfiles
 
 
 class RunLive(UserError):
@@ -33,13 +33,13 @@ class RunDir:
         return os.path.join(self.path, *parts)
 
     def host_log(self, host: int) -> str:
-        return self.file("logs", f"host-{host}.log")
+        return runfiles.host_log(self.path, host)
 
     def acquire(self) -> None:
         """Create the directory and take the run lock, or fail with a one-line error if a launch is live."""
         try:
-            os.makedirs(self.file("logs"), exist_ok=True)
-            fd = os.open(self.file("lock"), os.O_RDWR | os.O_CREAT, 0o644)
+            os.makedirs(self.file(runfiles.LOGS), exist_ok=True)
+            fd = os.open(self.file(runfiles.LOCK), os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise UserError("run.dir", f"cannot create {self.path}: {e.strerror}",
                             "choose a writable run.dir") from None
@@ -62,7 +62,7 @@ class RunDir:
     def is_locked(self) -> bool:
         """Whether a live process holds the run lock (without taking it)."""
         try:
-            fd = os.open(self.file("lock"), os.O_RDONLY)
+            fd = os.open(self.file(runfiles.LOCK), os.O_RDONLY)
         except FileNotFoundError:
             return False
         try:
@@ -82,25 +82,15 @@ class RunDir:
             self._lock_fd = None
 
     def write_json(self, name: str, obj: dict) -> None:
-        tmp = self.file(name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, self.file(name))
+        runfiles.write_json(self.file(name), obj)
 
     def write_text(self, name: str, text: str) -> None:
-        tmp = self.file(name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, self.file(name))
+        runfiles.write_atomic(self.file(name), text)
 
     def read_json(self, name: str) -> Optional[dict]:
-        try:
-            with open(self.file(name)) as f:
-                return json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+        obj = runfiles.read_json(self.file(name))
+        return obj if isinstance(obj, dict) else None
 
     def event(self, event: str, **fields) -> None:
-        append_jsonl(self.file("events.jsonl"), {"event": event, "host": "launcher", "time": time.time(),
+        runfiles.append_jsonl(self.file(runfiles.EVENTS), {"event": event, "host": "launcher", "time": time.time(),
                                                  **fields})

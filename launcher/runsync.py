@@ -10,10 +10,12 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 import ray
 
+from trainer import runfiles
+
 log = logging.getLogger("launcher.runsync")
 
-APPENDED = ("events.jsonl", "metrics.jsonl", "goodput.jsonl")
-WHOLE = ("result.json",)
+APPENDED = (runfiles.EVENTS, runfiles.METRICS, runfiles.GOODPUT)
+WHOLE = (runfiles.RESULT,)
 
 
 def host_files(host: int) -> Tuple[str, ...]:
@@ -91,9 +93,7 @@ def apply_chunks(run_dir: str, host: int, expected_names: Iterable[str], chunks,
         data, offset = chunk
         os.makedirs(os.path.dirname(target), exist_ok=True)
         if is_whole(name):
-            with open(target + ".tmp", "wb") as f:
-                f.write(data)
-            os.replace(target + ".tmp", target)
+            runfiles.write_atomic(target, data)
             continue
         with open(target, "ab") as f:
             f.write(data)

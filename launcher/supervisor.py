@@ -19,7 +19,6 @@ from cluster.cloud import CloudProvider
 from cluster.gcp import ProvisionError
 from cluster.local import AttachedProvider, LocalProvider
 from launcher.config import to_yaml
-from launcher.errors import EXIT_FAILED, EXIT_OK, EXIT_USER_ERROR
 from launcher import goodput
 from launcher.classify import HOST_LOST, Budget, classify
 from launcher.hosts import HostStartError, Pod
@@ -30,8 +29,11 @@ from launcher.follow import follow
 from launcher.rundir import RunDir, RunLive
 from launcher.validate import Plan
 from launcher.watch import Watch
-from trainer.goodput import FILENAME as GOODPUT_FILE, GoodputLog
+from trainer import runfiles
+from trainer.goodput import GoodputLog
 from trainer.heartbeat import read_heartbeat
+from trainer.runfiles import (CONFIG, EXIT_FAILED, EXIT_OK, EXIT_USER_ERROR, GOODPUT, POD, REASON_PREEMPTION, RESULT,
+                              RESULT_PREVIOUS, SUMMARY)
 
 log = logging.getLogger("launcher")
 
@@ -78,10 +80,10 @@ class HostDirs:
         return os.path.join(self.cfg.cluster.host_run_root, self.cfg.run.name, f"host-{i}")
 
     def config(self, i: int) -> str:
-        return os.path.join(self.dir(i), "config.yaml")
+        return os.path.join(self.dir(i), CONFIG)
 
     def log(self, i: int) -> str:
-        return os.path.join(self.dir(i), "logs", f"host-{i}.log")
+        return runfiles.host_log(self.dir(i), i)
 
     def files(self, i: int):
         if self.shared:
@@ -149,9 +151,9 @@ def launch(cfg: DictConfig, plan: Plan, started_at: float) -> int:
 def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
     if cfg.cluster.provider != "local" and cfg.cluster.bucket:
         stage_for_cloud(cfg, say=_say)
-    run.write_text("config.yaml", to_yaml(cfg))
-    if os.path.exists(run.file("result.json")):
-        os.replace(run.file("result.json"), run.file("result.previous.json"))
+    run.write_text(CONFIG, to_yaml(cfg))
+    if os.path.exists(run.file(RESULT)):
+        os.replace(run.file(RESULT), run.file(RESULT_PREVIOUS))
     run.event("command_start", time=started_at, argv=sys.argv[1:])
     ledger = GoodputLog(run.path)
     ledger("launch", time=started_at)
@@ -189,11 +191,11 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
                 error = error or f"could not delete the TPU resources: {e}"
                 print(f"error: could not delete the TPU resources: {e}", file=sys.stderr)
             _forget_local_pod(run)
-    result = run.read_json("result.json") or {}
+    result = run.read_json(RESULT) or {}
     if status == "completed" and not result:
         status, code, error = "failed", EXIT_FAILED, "host 0 finished without writing result.json"
     ledger("launch_end", status=status)
-    ledger_summary = goodput.summarize(goodput.read(run.file(GOODPUT_FILE)), time.time())
+    ledger_summary = goodput.summarize(goodput.read(run.file(GOODPUT)), time.time())
     summary = {
         "status": status, "run": cfg.run.name, "final_step": result.get("final_step"),
         "final_loss": result.get("final_loss"), "eval": result.get("eval"), "val": result.get("val"),
@@ -205,10 +207,10 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
         "attempts": ledger_summary["attempts"], "failures": sup.failures,
         "resumed_from_step": result.get("resumed_from_step"),
         "params_digest": result.get("params_digest"), "exit_codes": {str(k): v for k, v in sup.codes.items()},
-        "wall_s": round(time.time() - started_at, 3), "launches": sum(1 for r in goodput.read(run.file(GOODPUT_FILE)) if r.get("kind") == "launch"),
+        "wall_s": round(time.time() - started_at, 3), "launches": sum(1 for r in goodput.read(run.file(GOODPUT)) if r.get("kind") == "launch"),
         "error": error, "exit_code": code,
     }
-    run.write_json("summary.json", summary)
+    run.write_json(SUMMARY, summary)
     run.event("command_end", status=status, wall_s=summary["wall_s"])
     if status == "completed":
         ev = summary["eval"] or {}
@@ -224,7 +226,7 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
 
 def _next_attempt(run: RunDir) -> int:
     """Attempt numbers go on across launches of the same run (the ledger tells attempts apart by them)."""
-    attempts = [r.get("attempt", -1) for r in goodput.read(run.file(GOODPUT_FILE))
+    attempts = [r.get("attempt", -1) for r in goodput.read(run.file(GOODPUT))
                 if r.get("kind") == "attempt_start"]
     return max(attempts, default=-1) + 1
 
@@ -237,7 +239,7 @@ def _take_over(run: RunDir) -> None:
          f"run and resuming it")
     from cluster.hygiene import kill_recorded
 
-    pod = run.read_json("pod.json") or {}
+    pod = run.read_json(POD) or {}
     # only a process whose pid AND start time match the record is killed: a reused pid is someone else's
     recorded = [p for key in ("processes", "ray_pids")  # ray_pids: older records, without start times
                 for p in (pod.get(key) if isinstance(pod.get(key), list) else [])]
@@ -255,12 +257,12 @@ def _record_local_pod(run: RunDir, provider) -> None:
     """The local pod's Ray processes, so that a launch after this supervisor dies can stop them: each as
     {"pid", "start_time"}, so that takeover kills only those very processes, never a later one reusing a pid."""
     if isinstance(provider, LocalProvider):
-        run.write_json("pod.json", {"supervisor_pid": os.getpid(), "processes": provider.processes()})
+        run.write_json(POD, {"supervisor_pid": os.getpid(), "processes": provider.processes()})
 
 
 def _forget_local_pod(run: RunDir) -> None:
     try:
-        os.remove(run.file("pod.json"))
+        os.remove(run.file(POD))
     except FileNotFoundError:
         pass
 
@@ -306,7 +308,7 @@ class Supervisor:
             coordinator = group.new_coordinator()
             sync_names = (lambda i: host_files(i)) if not self.dirs.shared else (lambda i: ())
             prepared = group.prepare(self.dirs.log, self.dirs.dir, self.dirs.files,
-                                     lambda i: os.path.join(self.dirs.dir(i), "hosts", f"host-{i}.json"), sync_names)
+                                     lambda i: runfiles.heartbeat_file(self.dirs.dir(i), i), sync_names)
             if not self.dirs.shared:
                 self.sync = RunSync(self.run.path, group.actors, [self.dirs.dir(i) for i in range(len(group.actors))],
                                     [p["sizes"] for p in prepared])
@@ -373,7 +375,7 @@ class Supervisor:
             return {}
 
     def _made_progress(self) -> bool:
-        steps = [r.get("step") for r in goodput.read(self.run.file(GOODPUT_FILE))
+        steps = [r.get("step") for r in goodput.read(self.run.file(GOODPUT))
                  if r.get("kind") == "save" and r.get("attempt") == self.attempt and r.get("step")]
         return bool(steps)
 
@@ -386,7 +388,7 @@ class Supervisor:
         if self.sync is not None:
             self.sync.pull()
         beats = [self._heartbeat(i) or {} for i in range(len(self.group.infos))]
-        if beats and all((b.get("exit") or {}).get("reason") == "preemption" and b.get("attempt") == self.attempt
+        if beats and all((b.get("exit") or {}).get("reason") == REASON_PREEMPTION and b.get("attempt") == self.attempt
                          for b in beats):
             return beats[0].get("step")
         return None

@@ -14,9 +14,8 @@ from typing import Callable, List, Optional
 
 import ray
 
-from launcher.classify import EXIT_RESTARTABLE, HOST_LOST, Evidence
-
-STARTUP_PHASES = {"init", "restore", "compile"}
+from launcher.classify import HOST_LOST, Evidence
+from trainer.runfiles import EXIT_RESTARTABLE, PHASE_EXITED, PHASE_INIT, STARTUP_PHASES
 
 
 def _draining_node_ids(timeout_s: int = 5) -> set:
@@ -96,16 +95,16 @@ class Watch:
         for i in list(hosts):
             hb = self.read_heartbeat(i)
             if hb is None or hb.get("attempt") != self.attempt:
-                progress, phase = self.started, "init"
+                progress, phase = self.started, PHASE_INIT
             else:
-                progress, phase = float(hb.get("progress_time") or self.started), hb.get("phase") or "init"
+                progress, phase = float(hb.get("progress_time") or self.started), hb.get("phase") or PHASE_INIT
                 self.evidence.phases[i] = phase
                 if hb.get("step") is not None:
                     self.max_step = max(self.max_step or 0, int(hb["step"]))
                 if hb.get("exit"):
                     self.evidence.reasons[i] = hb["exit"].get("reason", "")
             limit = self.startup_timeout_s if phase in STARTUP_PHASES else self.timeout_s
-            if i in self.evidence.codes or phase == "exited" or now - progress <= limit:
+            if i in self.evidence.codes or phase == PHASE_EXITED or now - progress <= limit:
                 continue
             if i not in self.evidence.hung_hosts:
                 self.evidence.hung_hosts.append(i)

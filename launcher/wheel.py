@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from launcher.errors import UserError, first_line
 from trainer.data.storage import GCS_SCHEME, open_store
+from trainer.runfiles import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -301,11 +302,7 @@ def lock_requirements(requirements, python_version: str | None = None, platforms
     log.info("lock: resolved %d pinned requirements for Python %s manylinux x86_64 in %.1fs",
              len(pins), python_version, time.perf_counter() - t0)
     try:
-        os.makedirs(cache, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        write_atomic(path, text)
     except OSError as exc:  # a read-only cache costs a resolution next time, not this launch
         log.warning("lock: cannot cache the lock in %s: %s", cache, exc)
     return text

@@ -94,9 +94,18 @@ def test_legacy_pod_json_with_bare_pids_kills_nothing(tmp_path):
         stranger.wait()
 
 
+def _until_exec(pid: int, marker: str, timeout: float = 30) -> None:
+    """Right after fork the child still shows the parent's command line: wait until it has exec'd."""
+    deadline = time.time() + timeout
+    while marker not in open(f"/proc/{pid}/cmdline").read().replace("\0", " "):
+        assert time.time() < deadline, f"process {pid} never showed {marker} in its command line"
+        time.sleep(0.01)
+
+
 def test_leftover_trainer_requires_the_heartbeats_start_time(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", SLEEPER, "-m", "trainer.main"], start_new_session=True)
     try:
+        _until_exec(proc.pid, "trainer.main")
         hb = tmp_path / "host-0.json"
         hb.write_text(json.dumps({"pid": proc.pid, "pid_start_time": process_start_time(proc.pid) - 1}))
         assert leftover_trainer(str(hb)) is None  # same pid and cmdline, but a different process

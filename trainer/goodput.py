@@ -8,16 +8,14 @@ import os
 import time
 from typing import Any, Optional
 
-from trainer.events import append_jsonl
-
-FILENAME = "goodput.jsonl"
+from trainer.runfiles import GOODPUT, append_jsonl
 
 
 class GoodputLog:
     """Appends goodput records for one run (and, for trainer records, one attempt)."""
 
     def __init__(self, run_dir: str, attempt: Optional[int] = None):
-        self.path = os.path.join(run_dir, FILENAME)
+        self.path = os.path.join(run_dir, GOODPUT)
         self.attempt = attempt
 
     def __call__(self, kind: str, **fields: Any) -> None:

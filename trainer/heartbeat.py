@@ -14,6 +14,8 @@ import threading
 import time
 from typing import Optional
 
+from trainer.runfiles import PHASE_EXITED, PHASE_INIT, heartbeat_file, read_json, write_atomic
+
 
 def process_start_time(pid: int) -> Optional[int]:
     """When process `pid` started, in clock ticks since boot (/proc/<pid>/stat field 22), or None if there is
@@ -26,18 +28,14 @@ def process_start_time(pid: int) -> Optional[int]:
         return None
 
 
-def heartbeat_path(run_dir: str, host: int) -> str:
-    return os.path.join(run_dir, "hosts", f"host-{host}.json")
-
-
 class Heartbeat:
     def __init__(self, run_dir: str, host: int, attempt: int, interval_s: float = 1.0):
-        self.path = heartbeat_path(run_dir, host)
+        self.path = heartbeat_file(run_dir, host)
         self.interval_s = float(interval_s)
         self._lock = threading.Lock()
         now = time.time()
         self._state = {"pid": os.getpid(), "pid_start_time": process_start_time(os.getpid()), "host": host,
-                       "attempt": attempt, "step": None, "phase": "init", "started": now, "progress_time": now,
+                       "attempt": attempt, "step": None, "phase": PHASE_INIT, "started": now, "progress_time": now,
                        "time": now, "exit": None}
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -64,7 +62,7 @@ class Heartbeat:
         """Write the exit code and its reason (e.g. 42 'preemption') before the process exits."""
         with self._lock:
             self._state["exit"] = {"code": int(code), "reason": reason}
-            self._state["phase"] = "exited"
+            self._state["phase"] = PHASE_EXITED
         self._stop.set()
         self._write()
 
@@ -76,18 +74,12 @@ class Heartbeat:
         with self._lock:
             self._state["time"] = time.time()
             data = json.dumps(self._state, sort_keys=True)
-        tmp = f"{self.path}.{os.getpid()}.tmp"
         try:
-            with open(tmp, "w") as f:
-                f.write(data)
-            os.replace(tmp, self.path)
+            write_atomic(self.path, data)
         except OSError:  # a full or vanished run dir must not kill training; the watchdog will notice
             pass
 
 
 def read_heartbeat(run_dir: str, host: int) -> Optional[dict]:
-    try:
-        with open(heartbeat_path(run_dir, host)) as f:
-            return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError, OSError):
-        return None
+    beat = read_json(heartbeat_file(run_dir, host))
+    return beat if isinstance(beat, dict) else None

@@ -14,7 +14,8 @@ import signal
 import sys
 import time
 
-EXIT_OK, EXIT_FAILED, EXIT_USER_ERROR, EXIT_RESTARTABLE = 0, 1, 2, 42
+from trainer.runfiles import (EXIT_FAILED, EXIT_OK, EXIT_RESTARTABLE, EXIT_USER_ERROR, REASON_DONE, REASON_EXCEPTION,
+                              REASON_INIT_FAILED, REASON_PREEMPTION, REASON_STORAGE, REASON_USER_ERROR)
 
 
 def _parse(argv):
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         logging.getLogger("trainer").error("could not join jax.distributed at %s: %s", args.coordinator, first)
         events("error", kind="init", message=first)
-        heartbeat.finish(EXIT_RESTARTABLE, "init_failed")
+        heartbeat.finish(EXIT_RESTARTABLE, REASON_INIT_FAILED)
         return EXIT_RESTARTABLE
     events("distributed_ready", seconds=round(init_s, 4))
     if goodput is not None:
@@ -90,33 +91,33 @@ def main(argv=None) -> int:
     except (CheckpointError, DataError) as e:
         logging.getLogger("trainer").error("%s", e)
         events("error", kind="user", message=str(e))
-        heartbeat.finish(EXIT_USER_ERROR, "user_error")
+        heartbeat.finish(EXIT_USER_ERROR, REASON_USER_ERROR)
         return EXIT_USER_ERROR
     except Exception as e:  # noqa: BLE001 - storage that stayed down past every retry: restart, do not stop
         from trainer.data.storage import is_transient_failure
 
         if not is_transient_failure(e):
-            heartbeat.finish(EXIT_FAILED, "exception")
+            heartbeat.finish(EXIT_FAILED, REASON_EXCEPTION)
             raise
         logging.getLogger("trainer").exception("storage failed past its retries; exiting to be restarted")
         events("error", kind="storage", message=str(e)[:300])
-        heartbeat.finish(EXIT_RESTARTABLE, "storage")
+        heartbeat.finish(EXIT_RESTARTABLE, REASON_STORAGE)
         return EXIT_RESTARTABLE
     except BaseException:
-        heartbeat.finish(EXIT_FAILED, "exception")
+        heartbeat.finish(EXIT_FAILED, REASON_EXCEPTION)
         raise
     if result.get("preempted"):
         logging.getLogger("trainer.progress").info(
             "preemption notice: all hosts stopped at step %d with a checkpoint there; exiting to be restarted",
             result["final_step"])
-        heartbeat.finish(EXIT_RESTARTABLE, "preemption")
+        heartbeat.finish(EXIT_RESTARTABLE, REASON_PREEMPTION)
         _leave_together()
         return EXIT_RESTARTABLE
     if args.process_id == 0:
         result["attempt"] = args.attempt
         write_result(cfg.run.dir, result)
     events("done", step=result["final_step"])
-    heartbeat.finish(EXIT_OK, "done")
+    heartbeat.finish(EXIT_OK, REASON_DONE)
     _leave_together()
     logging.getLogger("trainer.progress").info("done at step %d | test loss %.4f | params %s",
                                                result["final_step"], result["eval"]["eval_loss"],

@@ -63,6 +63,7 @@ REASON_PREEMPTION = "preemption"
 REASON_USER_ERROR = "user_error"
 REASON_STORAGE = "storage"
 REASON_EXCEPTION = "exception"
+REASON_INIT_FAILED = "init_failed"  # jax.distributed could not be joined
 
 
 def save_phase(step: int) -> str:
@@ -164,7 +165,8 @@ def write_atomic(file: str, data: Union[str, bytes], mode: int = 0o644) -> None:
 
 
 def write_json(file: str, obj: Any) -> None:
-    write_atomic(file, json.dumps(obj, indent=2, sort_keys=True, default=_default) + "\n")
+    """A whole JSON file, atomically. Strict: a value JSON cannot hold raises before anything is written."""
+    write_atomic(file, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(file: str) -> Optional[Any]:
