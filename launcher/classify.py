@@ -39,6 +39,7 @@ class Evidence:
     hung_hosts: List[int] = field(default_factory=list)  # hosts without progress past the watchdog timeout
     reasons: Dict[int, str] = field(default_factory=dict)  # process id -> reason the trainer gave on exit
     phases: Dict[int, str] = field(default_factory=dict)  # process id -> its heartbeat's last phase
+    times: Dict[int, float] = field(default_factory=dict)  # process id -> when it exited or went silent (heartbeat)
 
 
 def classify(ev: Evidence) -> Failure:
@@ -54,7 +55,10 @@ def classify(ev: Evidence) -> Failure:
                        f"Ray node of host {ev.drained_hosts[0]} drained for preemption", reprovision=True)
     if ev.hung_hosts:
         return Failure(HANG, ev.hung_hosts[0], f"no progress on host(s) {ev.hung_hosts} (watchdog)")
-    failed = {i: c for i, c in sorted(ev.codes.items()) if c != 0}
+    # Hosts in the order they failed (their heartbeats' times; by host number where unknown): the first to go is
+    # the cause, the others' errors (a peer vanished from a collective) follow from it.
+    order = sorted(ev.codes, key=lambda i: (ev.times.get(i, float("inf")), i))
+    failed = {i: ev.codes[i] for i in order if ev.codes[i] != 0}
     if not failed:
         return Failure(CRASH, None, "the hosts stopped without a failure code")
     lost = [i for i, c in failed.items() if c == HOST_LOST]

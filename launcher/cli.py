@@ -16,16 +16,17 @@ from typing import List, Optional
 COMMANDS = ("status", "logs", "stop", "down", "report")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str) -> argparse.ArgumentParser:
+    """The parser of one command: only its module is imported, so a quick command (status) never pays for the
+    imports of a heavy one (report's matplotlib, stop's and down's cloud clients)."""
     p = argparse.ArgumentParser(prog="tpu-launch", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        mod = importlib.import_module(f"launcher.commands.{name}")
-        cp = sub.add_parser(name, help=mod.HELP, description=mod.__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        mod.add_arguments(cp)
-        cp.set_defaults(run_command=mod.run)
+    mod = importlib.import_module(f"launcher.commands.{command}")
+    cp = sub.add_parser(command, help=mod.HELP, description=mod.__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    mod.add_arguments(cp)
+    cp.set_defaults(run_command=mod.run)
     return p
 
 
@@ -40,7 +41,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from launcher.errors import UserError
     from trainer.runfiles import EXIT_USER_ERROR
 
-    args = _parser().parse_args(argv)
+    args = _parser(argv[0]).parse_args(argv)
     try:
         return int(args.run_command(args) or 0)
     except UserError as e:

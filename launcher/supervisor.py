@@ -20,6 +20,7 @@ from cluster.gcp import ProvisionError
 from cluster.local import AttachedProvider, LocalProvider
 from launcher.config import to_yaml
 from launcher import goodput
+from launcher.blame import exit_times
 from launcher.classify import HOST_LOST, Budget, classify
 from launcher.hosts import HostStartError, Pod
 from launcher.logtail import LogTail
@@ -319,6 +320,7 @@ class Supervisor:
             watch = Watch(group, refs, self.attempt, self._heartbeat, cfg.watchdog.timeout_s,
                           cfg.watchdog.startup_timeout_s, on_poll=self.sync.pull if self.sync else None, say=_say)
             evidence = watch.run()
+            evidence.times = exit_times(self.run.path, self.attempt)  # the first host to fail is blamed
             self.codes = dict(evidence.codes)
             if len(evidence.codes) == len(group.infos) and all(c == 0 for c in evidence.codes.values()):
                 return "completed", EXIT_OK, None
@@ -336,7 +338,7 @@ class Supervisor:
             self.ledger("failure", attempt=self.attempt, cause=failure.cause, last_step=watch.max_step,
                         detail=failure.detail)
             self.run.event("failure", attempt=self.attempt, cause=failure.cause, detail=failure.detail,
-                           codes={str(k): v for k, v in evidence.codes.items()})
+                           blamed=failure.host, codes={str(k): v for k, v in evidence.codes.items()})
             refusal = self.budget.allow(failure)
             if refusal is not None:
                 code = EXIT_USER_ERROR if failure.host is not None and evidence.codes.get(failure.host) == \
