@@ -5,8 +5,10 @@ import threading
 
 
 class LogTail:
-    def __init__(self, path: str, prefix: str = "[host 0]", out=None, poll_s: float = 0.2):
+    def __init__(self, path: str, prefix: str = "[host 0]", out=None, poll_s: float = 0.2, on_line=None):
+        """on_line(line): what to do with each line of host 0 (default: write it to `out`)."""
         self.path, self.prefix, self.out, self.poll_s = path, prefix, out or sys.stdout, poll_s
+        self.on_line = on_line or self._write
         self.offset = os.path.getsize(path) if os.path.exists(path) else 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="logtail", daemon=True)
@@ -29,8 +31,11 @@ class LogTail:
         for raw in lines:
             line = raw.decode(errors="replace")
             if line.startswith(self.prefix):
-                self.out.write(line + "\n")
+                self.on_line(line)
         self.out.flush()
+
+    def _write(self, line: str) -> None:
+        self.out.write(line + "\n")
 
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_s):

@@ -23,7 +23,8 @@ from launcher import goodput
 from launcher.blame import exit_times
 from launcher.classify import HOST_LOST, Budget, classify
 from launcher.hosts import HostStartError, Pod
-from launcher.logtail import LogTail
+from launcher.progress import Progress
+from launcher.report import at_end_of_run
 from launcher.runsync import RunSync, host_files
 from launcher.stage import stage_for_cloud
 from launcher.follow import follow
@@ -213,6 +214,7 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
     }
     run.write_json(SUMMARY, summary)
     run.event("command_end", status=status, wall_s=summary["wall_s"])
+    at_end_of_run(run.path)
     if status == "completed":
         ev = summary["eval"] or {}
         _say(f"completed: step {summary['final_step']}, test loss {ev.get('eval_loss', float('nan')):.4f}, "
@@ -283,7 +285,7 @@ class Supervisor:
         self.budget = Budget(s.max_preemptions, s.max_failures, s.backoff_s, s.backoff_max_s)
         self.group: Optional[Pod] = None
         self.dirs = HostDirs(cfg, run)
-        self.tail: Optional[LogTail] = None
+        self.tail: Optional[Progress] = None
         self.sync: Optional[RunSync] = None
         self.codes: Dict[int, int] = {}
         self.failures = []
@@ -295,7 +297,7 @@ class Supervisor:
                                                                      "node_id")} for info in self.group.infos])
         _say(f"{len(self.group.infos)} hosts placed; logs in {self.run.file('logs')}")
         if self.cfg.launcher.echo and self.tail is None:
-            self.tail = LogTail(self.run.host_log(0)).start()
+            self.tail = Progress(self.run.path, int(self.cfg.trainer.steps)).start()
 
     def _heartbeat(self, i: int) -> Optional[dict]:
         return read_heartbeat(self.run.path, i)
