@@ -26,8 +26,14 @@ Trainer host 0 records (all with `attempt`):
   end           {step}                                   the attempt finished training
 
 Semantics of summarize(records, now):
-  - Records are taken in time order. total = max(latest record time, now) - first `launch` time (the first
-    record's time if there is no launch).
+  - Records are taken in time order. total = the time the launches ran: the sum, over every `launch`, of the time
+    from it to its end. A launch's end is its latest record if it has a `launch_end`; else the next `launch` (its
+    supervisor died; that gap is infrastructure_recovery below); else, for the last launch (still live, or its
+    supervisor died and it was not typed again), max(latest record time, now). Without any `launch` record,
+    total = max(latest record time, now) - the first record's time.
+  - idle_s = the time between a finished launch's end and the next `launch` (days may pass before a run is
+    extended): in no bucket and not in total, so it does not drag goodput down. Time after the last finished
+    launch is not counted at all.
   - A `steps` interval of attempt N is wasted where its steps lie beyond the start step of a later attempt that
     actually started (has a `start_step`): beyond the smallest such start step, which is the next attempt's
     unless a later one restored an even older checkpoint. An interval only partly beyond it is split in
@@ -39,7 +45,7 @@ Semantics of summarize(records, now):
     wasted_progress = seconds of the wasted parts (their data wait included); infrastructure_recovery = sum of
     recovery seconds, plus, for each launch that has no `launch_end` (the supervisor died), the gap from its last
     record to the next `launch`; other = total - productive - all the other buckets, at least 0 (eval time,
-    logging, hang detection, time between a finished launch and the next one, ...).
+    logging, hang detection, ...).
     If clock skew between hosts makes the measured parts exceed total, total is raised to their sum, so that
     productive + badput always equals total.
   - restarts: {cause: count} for `failure` records followed by a later attempt's `attempt_start`, plus
@@ -81,22 +87,40 @@ def _max(values: Iterable[Optional[float]]) -> Optional[float]:
     return max(present) if present else None
 
 
+def _launch_time(recs: List[dict], launches: List[int], now: float):
+    """(total, idle): the seconds the launches ran, and the seconds between a finished launch and the next."""
+    if not launches:
+        return max(0.0, max(recs[-1]["time"], now) - recs[0]["time"]), 0.0
+    total = idle = 0.0
+    for n, this in enumerate(launches):
+        following = launches[n + 1] if n + 1 < len(launches) else None
+        segment = recs[this:following]
+        ended = any(r.get("kind") == "launch_end" for r in segment)
+        if ended:
+            end = segment[-1]["time"]
+            if following is not None:
+                idle += recs[following]["time"] - end
+        else:  # its supervisor died (until the next launch), or it is live
+            end = recs[following]["time"] if following is not None else max(segment[-1]["time"], now)
+        total += end - recs[this]["time"]
+    return total, idle
+
+
 def summarize(records: List[dict], now: float) -> Dict[str, Any]:
-    """goodput, productive_s, total_s, badput buckets, restarts by cause, lost_steps and attempts of a run's
-    goodput records (see the module docstring); `now` ends a run that is still live."""
+    """goodput, productive_s, total_s, idle_s, badput buckets, restarts by cause, lost_steps and attempts of a
+    run's goodput records (see the module docstring); `now` ends a launch that is still live."""
     recs = sorted((r for r in records if isinstance(r, dict) and _num(r.get("time")) is not None),
                   key=lambda r: r["time"])
     buckets = {name: 0.0 for name in BUCKETS}
     if not recs:
-        return {"goodput": 0.0, "productive_s": 0.0, "total_s": 0.0, "badput": buckets,
+        return {"goodput": 0.0, "productive_s": 0.0, "total_s": 0.0, "idle_s": 0.0, "badput": buckets,
                 "restarts": {"total": 0}, "lost_steps": 0, "attempts": 0}
 
     def of(kind: str) -> List[dict]:
         return [r for r in recs if r.get("kind") == kind]
 
     launches = [i for i, r in enumerate(recs) if r.get("kind") == "launch"]
-    first = recs[launches[0]]["time"] if launches else recs[0]["time"]
-    span = max(0.0, max(recs[-1]["time"], now) - first)
+    span, idle = _launch_time(recs, launches, now)
 
     attempts = sorted({r["attempt"] for r in recs if isinstance(r.get("attempt"), int)
                        and not isinstance(r.get("attempt"), bool)})
@@ -176,6 +200,7 @@ def summarize(records: List[dict], now: float) -> Dict[str, Any]:
         "goodput": round(productive_s / total_s, 4) if total_s > 0 else 0.0,
         "productive_s": productive_s,
         "total_s": total_s,
+        "idle_s": round(idle, 3),
         "badput": {name: badput[name] for name in BUCKETS},
         "restarts": restarts,
         "lost_steps": int(round(lost)),

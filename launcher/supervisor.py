@@ -206,6 +206,7 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
         "accelerator_type": plan.slice.accelerator_type, "params": result.get("params"),
         "restarts": ledger_summary["restarts"], "lost_steps": ledger_summary["lost_steps"],
         "goodput": ledger_summary["goodput"], "badput": ledger_summary["badput"],
+        "idle_s": ledger_summary["idle_s"],  # between launches: outside goodput's total
         "attempts": ledger_summary["attempts"], "failures": sup.failures,
         "resumed_from_step": result.get("resumed_from_step"),
         "params_digest": result.get("params_digest"), "exit_codes": {str(k): v for k, v in sup.codes.items()},

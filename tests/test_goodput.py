@@ -63,14 +63,18 @@ def test_single_clean_attempt():
     _check_adds_up(s)
 
 
-def test_now_later_than_the_last_record_extends_total():
-    s = summarize(clean_run(), now=1200)
+def test_now_extends_only_a_live_launch():
+    live = clean_run()[:-1]  # no launch_end yet: the launch runs until now
+    s = summarize(live, now=1200)
     assert s["total_s"] == 200.0
     assert s["goodput"] == 0.275
     assert s["badput"]["other"] == 109.0
     _check_adds_up(s)
     # a `now` earlier than the last record does not shorten it
-    assert summarize(clean_run(), now=0)["total_s"] == 100.0
+    assert summarize(live, now=0)["total_s"] == 97.0
+    # a finished launch ends at its launch_end, however late `now` is; the time after it is not idle either
+    s = summarize(clean_run(), now=1_000_000)
+    assert s["total_s"] == 100.0 and s["goodput"] == 0.55 and s["idle_s"] == 0.0
 
 
 def test_crash_restart_from_earlier_checkpoint():
@@ -211,6 +215,45 @@ def test_ended_launch_then_relaunch_is_not_recovery():
     assert s["restarts"] == {"total": 0}
     assert s["lost_steps"] == 0
     assert s["productive_s"] == 145.0
+    # the two launches ran 100 s each; the 900 s between them are idle, outside total
+    assert s["total_s"] == 200.0 and s["idle_s"] == 900.0
+    assert s["goodput"] == 0.725
+    _check_adds_up(s)
+
+
+def test_days_idle_between_launches_do_not_drag_goodput_down():
+    # a completed run, extended three days later: goodput is that of the two launches' own time
+    day = 86400.0
+    first = clean_run()
+    later = [dict(r, time=r["time"] + 3 * day, **({"attempt": 2} if "attempt" in r else {})) for r in first]
+    for r in later:
+        if r["kind"] == "start_step":
+            r["step"] = 200
+        if r["kind"] == "steps":
+            r["from"], r["to"] = r["from"] + 200, r["to"] + 200
+        if r["kind"] == "end":
+            r["step"] = 400
+    s = summarize(first + later, now=3 * day + 5000)
+    assert s["total_s"] == 200.0  # 100 s per launch
+    assert s["idle_s"] == 3 * day - 100.0  # the first launch's end (1100) to the second launch (1000 + 3 days)
+    assert s["productive_s"] == 110.0 and s["goodput"] == 0.55  # as one clean launch: no worse for the wait
+    assert s["badput"]["other"] == 18.0 and s["badput"]["infrastructure_recovery"] == 0.0
+    assert s["restarts"] == {"total": 0} and s["lost_steps"] == 0 and s["attempts"] == 2
+    _check_adds_up(s)
+
+
+def test_idle_after_a_finished_launch_but_dead_supervisor_is_still_recovery():
+    # launch 1 finished; launch 2's supervisor died at 2050 (no launch_end); launch 3 at 2500
+    records = clean_run() + [
+        R("launch", 2000), R("attempt_start", 2000, 2), R("start_step", 2010, 2, step=200),
+        R("steps", 2050, 2, **{"from": 201, "to": 240, "seconds": 40.0, "data_wait_s": 0.0}),
+        R("launch", 2500), R("attempt_start", 2500, 3), R("start_step", 2510, 3, step=240),
+        R("end", 2520, 3, step=240), R("launch_end", 2520, status="completed"),
+    ]
+    s = summarize(records, now=9999)
+    assert s["idle_s"] == 900.0  # 1100 -> 2000 only
+    assert s["badput"]["infrastructure_recovery"] == 450.0  # 2050 -> 2500
+    assert s["total_s"] == 100.0 + 500.0 + 20.0
     _check_adds_up(s)
 
 
