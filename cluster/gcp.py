@@ -175,21 +175,22 @@ class GcpTpuProvider:
                 self.progress(f"gcp: {self.qr_id(run_name)}: {reason}; deleting it (it holds quota) to re-create")
                 self.delete(run_name, wait=True)
             else:
-                self._check_matches(qr, accelerator_type, num_slices)
+                self._check_matches(qr, run_name, accelerator_type, num_slices)
                 self.progress(f"gcp: reusing queued resource {self.qr_id(run_name)} ({state})")
                 return name
         self._create(run_name, accelerator_type, runtime_version, num_slices, capacity, network, subnetwork,
                      service_account, labels, metadata, reservation)
         return name
 
-    def _check_matches(self, qr: Any, accelerator_type: str, num_slices: int) -> None:
+    def _check_matches(self, qr: Any, run_name: str, accelerator_type: str, num_slices: int) -> None:
         specs = list(qr.tpu.node_spec)
         have_type = specs[0].node.accelerator_type if specs else ""
         have_slices = len(self._node_names(qr))
         if have_type != accelerator_type or have_slices != num_slices:
             raise ProvisionError(
                 f"queued resource {qr.name} already exists with {have_slices} x {have_type}, not "
-                f"{num_slices} x {accelerator_type}; delete it first (tpu-launch down) to change the shape")
+                f"{num_slices} x {accelerator_type}; to change the shape, delete it first with `tpu-launch down "
+                f"{run_name}` (or the run's directory; checkpoints stay)")
 
     def _create(self, run_name: str, accelerator_type: str, runtime_version: str, num_slices: int,
                 capacity: str, network: Optional[str], subnetwork: Optional[str], service_account: Optional[str],
@@ -279,6 +280,11 @@ class GcpTpuProvider:
                 raise ProvisionError(f"node {name.rsplit('/', 1)[-1]} does not exist")
             out.append([e.ip_address for e in node.network_endpoints])
         return out
+
+    def state(self, run_name: str) -> str:
+        """The run's queued resource's state (ACTIVE, WAITING_FOR_RESOURCES, ...), NOT_FOUND when there is none."""
+        qr = self._get_qr(run_name)
+        return NOT_FOUND if qr is None else _state_name(qr.state.state)
 
     def node_states(self, run_name: str) -> dict[str, str]:
         """Node short name -> state (READY, PREEMPTED, ..., NOT_FOUND when a node is gone); {} without a resource."""

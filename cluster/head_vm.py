@@ -172,7 +172,8 @@ class HeadVm:
             if instance.status in ALIVE:
                 note = ""
                 if self._script(instance) != startup_script:
-                    note = "; its startup script differs (an older wheel?): `tpu-launch down` re-creates it"
+                    note = (f"; its startup script differs (an older wheel?): `tpu-launch down {run_name}` deletes "
+                            f"the run's cloud resources (checkpoints stay) and the next launch creates them afresh")
                 self.progress(f"head: reusing head VM {name} ({instance.status}){note}")
                 return self._dict(instance)
             self.progress(f"head: {name} is {instance.status}; deleting it to re-create")

@@ -29,6 +29,12 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def recorded_processes(pod: dict) -> list:
+    """The processes a local pod's record (`pod.json`) names: "processes" ({"pid", "start_time"} each) and
+    "ray_pids" (older records, pids without start times, which kill_recorded leaves alone)."""
+    return [p for key in ("processes", "ray_pids") for p in (pod.get(key) if isinstance(pod.get(key), list) else [])]
+
+
 def kill_recorded(processes: Iterable) -> Tuple[List[int], List[dict]]:
     """SIGKILL each recorded process ({"pid": .., "start_time": ..} as written with `process_start_time`)
     that still runs: same pid AND same start time. Returns (killed pids, skipped: [{"pid", "reason"}])."""

@@ -170,6 +170,16 @@ class RunSecret:
             raise ProvisionError(f"the payload of {response.name or name} failed its CRC32C check (corrupted)")
         return data.decode()
 
+    def exists(self, run_name: str) -> bool:
+        """Whether the run's secret exists (its metadata only: the token is not read)."""
+        try:
+            self.client.get_secret(request={"name": self.name(run_name)})
+        except gexc.NotFound:
+            return False
+        except gexc.GoogleAPICallError as exc:
+            raise ProvisionError(f"could not read secret {self.name(run_name)}: {exc.message}") from exc
+        return True
+
     def delete(self, run_name: str) -> bool:
         """Delete the run's secret (all its versions); a missing one is fine. True if one was deleted."""
         name = self.name(run_name)

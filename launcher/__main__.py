@@ -29,8 +29,13 @@ def _run_as_job(cfg, argv) -> int:
     VMs fetch it there), and its secret is deleted with the rest at the end.
     """
     from launcher import auth, job
+    from launcher.config import to_yaml
     from launcher.supervisor import project_pythonpath
+    from trainer import runfiles
 
+    # This terminal's record of the run (the job writes its own on the head): `tpu-launch stop` and `tpu-launch
+    # down` find the run's job and cloud resources from it.
+    runfiles.write_atomic(runfiles.path(cfg.run.dir, runfiles.CONFIG), to_yaml(cfg))
     auth.publish(cfg)
     head = None
     try:
@@ -46,7 +51,7 @@ def _run_as_job(cfg, argv) -> int:
         if job_id:
             print(f"[launcher] run {cfg.run.name} is live as job {job_id}: following it", flush=True)
         else:
-            env = {"PYTHONPATH": project_pythonpath()}
+            env = {"PYTHONPATH": project_pythonpath(), **job.stop_env(cfg)}
             if cfg.cluster.bucket:  # the job on the head provisions with what this terminal staged
                 from launcher.wheel import staged_env, staged_for_run
 

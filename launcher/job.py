@@ -18,6 +18,7 @@ from trainer.runfiles import EXIT_FAILED, EXIT_OK
 from launcher.tunnel import TunnelError
 
 LIVE = (JobStatus.PENDING, JobStatus.RUNNING)
+KNOWN_HOSTS = "known_hosts"  # in the run's record: the head VM's SSH host key, pinned on first use
 
 
 def job_server_url(ray_address: str, port: int) -> str:
@@ -51,6 +52,16 @@ def live_job(client: JobSubmissionClient, run_name: str) -> Optional[str]:
         if (job.metadata or {}).get("launcher-run") == run_name and job.status in LIVE:
             return job.submission_id
     return None
+
+
+STOP_WAIT_ENV = "RAY_JOB_STOP_WAIT_TIME_S"
+
+
+def stop_env(cfg) -> dict:
+    """The supervisor job's env for a graceful `tpu-launch stop`: Ray's job server sends the launcher SIGTERM, then
+    SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (3 s by default, far too short for the hosts to checkpoint). Give it as
+    long as the graceful path can take: the hosts' grace, then deleting the TPU resources; SIGKILL is a backstop."""
+    return {STOP_WAIT_ENV: str(int(cfg.supervisor.stop_grace_s) + int(cfg.cluster.provision_timeout_s) + 60)}
 
 
 def submit(client: JobSubmissionClient, run_name: str, argv: List[str], env: dict) -> str:
@@ -116,7 +127,6 @@ class HeadForRun:
         """(Ray address the TPU VMs join: internal IP, the job server's URL here: through the SSH tunnel)."""
         from cluster.bootstrap import token_metadata
         from cluster.head_vm import head_startup_script
-        from launcher.tunnel import SshTunnel
         from launcher.wheel import staged_for_run
 
         c, ray_cfg = self.cfg.cluster, self.cfg.ray
@@ -126,10 +136,24 @@ class HeadForRun:
                     **token_metadata(str(c.project), self.cfg.run.name, c.secret_manager_endpoint)}
         self.vm.ensure(self.cfg.run.name, script, dict(c.labels), metadata=metadata)
         info = self.vm.wait_running(self.cfg.run.name)
-        internal = f"{info['internal_ip']}:{int(ray_cfg.port)}"
+        return f"{info['internal_ip']}:{int(ray_cfg.port)}", self._tunnel(info)
+
+    def reach(self) -> Optional[str]:
+        """The job server's URL here, through an SSH tunnel to the run's head VM if it is up (nothing is created);
+        None when the run has no live head VM (`tpu-launch stop`: nothing to stop)."""
+        from cluster.head_vm import ALIVE
+
+        if self.vm.status(self.cfg.run.name) not in ALIVE:
+            return None
+        return self._tunnel(self.vm.wait_running(self.cfg.run.name))
+
+    def _tunnel(self, info: dict) -> str:
+        from launcher.tunnel import SshTunnel
+
+        c, ray_cfg = self.cfg.cluster, self.cfg.ray
         ssh_host = info.get("external_ip") or info["internal_ip"]
         self.tunnel = SshTunnel(ssh_host, str(c.ssh_user), self.keys.private_path,
-                                os.path.join(self.record, "known_hosts"), remote_host="127.0.0.1",
+                                os.path.join(self.record, KNOWN_HOSTS), remote_host="127.0.0.1",
                                 remote_port=int(ray_cfg.dashboard_port), ssh_port=int(c.head_ssh_port),
                                 connect_timeout_s=300, auth_retry_s=120)
         try:
@@ -139,7 +163,7 @@ class HeadForRun:
                             "check that port 22 of the head is reachable from here (firewall rule "
                             "default-allow-ssh, or cluster.head_external_ip=false from inside the VPC)") from None
         print(f"[launcher] job server of the head reached through an SSH tunnel to {ssh_host}", flush=True)
-        return internal, self.tunnel.url
+        return self.tunnel.url
 
     def close(self) -> None:
         if self.tunnel is not None:

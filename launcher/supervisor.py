@@ -126,11 +126,17 @@ def project_pythonpath() -> str:
     return os.pathsep.join(parts)
 
 
-class Terminated(Exception):
-    """The launcher got SIGTERM: stop the hosts, record the run as failed, exit."""
+class Terminated(KeyboardInterrupt):
+    """The launcher got SIGTERM: stop the hosts with a checkpoint, as Ctrl-C does. A KeyboardInterrupt because Ray's
+    blocking calls (ray.get, ray.wait) turn only that into an interrupt (they re-raise it as a plain
+    KeyboardInterrupt; any other exception from a signal handler comes out as a SystemError): `sigterm` remembers
+    which signal it was."""
+
+    sigterm = False
 
 
 def _on_sigterm(signum, frame):
+    Terminated.sigterm = True
     raise Terminated()
 
 
@@ -165,6 +171,7 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
     provider = _provider(cfg, plan)
     sup = Supervisor(cfg, plan, run, provider, ledger, first_attempt=_next_attempt(run))
     status, code, error = "failed", EXIT_FAILED, None
+    saved = None  # the step every host checkpointed at when the launch was stopped (Ctrl-C, SIGTERM, tpu-launch stop)
     try:
         t0 = time.time()
         address = provider.up()
@@ -172,12 +179,15 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
         # Inside a Ray job the job's runtime env (set at submission) already carries PYTHONPATH.
         runtime_env = None if cfg.launcher.in_job else {"env_vars": {"PYTHONPATH": project_pythonpath()}}
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, runtime_env=runtime_env)
+        # ray.init sets its own SIGTERM handler (sys.exit, and the core worker's crash dump): ours again, so that
+        # SIGTERM (`tpu-launch stop`, a Ray job stopped) stops the hosts with a checkpoint
+        signal.signal(signal.SIGTERM, _on_sigterm)
         run.event("ray_ready", seconds=round(time.time() - t0, 4), address=address)
         status, code, error = sup.supervise()
     except (HostStartError, ProvisionError) as e:
         error = str(e)
-    except (KeyboardInterrupt, Terminated) as e:
-        error = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Terminated)
+        error = "terminated (SIGTERM)" if Terminated.sigterm else "interrupted"
         status = "stopped"
         saved = sup.stop(graceful=True)
         if saved is not None:
@@ -211,7 +221,7 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
         "resumed_from_step": result.get("resumed_from_step"),
         "params_digest": result.get("params_digest"), "exit_codes": {str(k): v for k, v in sup.codes.items()},
         "wall_s": round(time.time() - started_at, 3), "launches": sum(1 for r in goodput.read(run.file(GOODPUT)) if r.get("kind") == "launch"),
-        "error": error, "exit_code": code,
+        "error": error, "exit_code": code, "stopped_at_step": saved,
     }
     run.write_json(SUMMARY, summary)
     run.event("command_end", status=status, wall_s=summary["wall_s"])
@@ -241,13 +251,10 @@ def _take_over(run: RunDir) -> None:
     dead = run.taken_over or {}
     _say(f"the run's previous supervisor (pid {dead.get('pid')} on {dead.get('host')}) died; taking over the "
          f"run and resuming it")
-    from cluster.hygiene import kill_recorded
+    from cluster.hygiene import kill_recorded, recorded_processes
 
-    pod = run.read_json(POD) or {}
     # only a process whose pid AND start time match the record is killed: a reused pid is someone else's
-    recorded = [p for key in ("processes", "ray_pids")  # ray_pids: older records, without start times
-                for p in (pod.get(key) if isinstance(pod.get(key), list) else [])]
-    killed, skipped = kill_recorded(recorded)
+    killed, skipped = kill_recorded(recorded_processes(run.read_json(POD) or {}))
     if killed:
         _say(f"stopped the previous supervisor's local Ray processes: pids {killed}")
     if skipped:
