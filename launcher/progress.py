@@ -111,22 +111,35 @@ def _duration(seconds: Optional[float]) -> str:
     return (f"{days}d " if days else "") + f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def render_bar(b: Bar):
-    from rich.progress_bar import ProgressBar
-    from rich.table import Table
+class _BarLine:
+    """One line at any width: `step N/M`, the bar in what the figures leave (8 to 40 columns), the figures."""
 
-    cells = [f"step {b.step}/{b.total}",
-             ProgressBar(total=max(b.total, 1), completed=min(b.step, b.total), width=30),
-             f"{100 * b.step / b.total:.0f}%" if b.total else "",
-             f"{b.rate:.2f} steps/s" if b.rate else "- steps/s",
-             f"{b.tokens_per_s:,.0f} tok/s" if b.tokens_per_s is not None else "- tok/s",
-             f"loss {b.loss:.4f}" if b.loss is not None else "loss -"]
+    def __init__(self, head: str, done: int, total: int, tail: str):
+        self.head, self.done, self.total, self.tail = head, done, total, tail
+
+    def __rich_console__(self, console, options):
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+        from rich.text import Text
+
+        room = options.max_width - len(self.head) - len(self.tail) - 2
+        if room < 8:  # a narrow terminal: the figures only, cut at its edge rather than wrapped
+            yield Text(f"{self.head} {self.tail}", no_wrap=True, overflow="ellipsis")
+            return
+        grid = Table.grid(padding=(0, 1))
+        grid.add_row(self.head, ProgressBar(total=max(self.total, 1), completed=self.done, width=min(room, 40)),
+                     self.tail)
+        yield grid
+
+
+def render_bar(b: Bar):
+    figures = [f"{b.rate:.2f} steps/s" if b.rate else "- steps/s",
+               f"{b.tokens_per_s:,.0f} tok/s" if b.tokens_per_s is not None else "- tok/s",
+               f"loss {b.loss:.4f}" if b.loss is not None else "loss -"]
     if b.mfu is not None:  # the step records carry it once the trainer measures it
-        cells.append(f"MFU {100 * b.mfu:.1f}%")
-    cells.append(f"ETA {_duration(b.eta_s)}")
-    grid = Table.grid(padding=(0, 1))
-    grid.add_row(*cells)
-    return grid
+        figures.append(f"MFU {100 * b.mfu:.1f}%")
+    figures.append(f"ETA {_duration(b.eta_s)}")
+    return _BarLine(f"step {b.step}/{b.total}", min(b.step, b.total), b.total, " ".join(figures))
 
 
 def render_bringup(b: Bringup, now: float):
