@@ -20,7 +20,7 @@ from cluster.hygiene import clean_host
 from cluster.local import CPU_DEVICES_ENV
 from cluster.maintenance import GCE_METADATA_URL, METADATA_URL_ENV, MaintenanceWatch
 from cluster.slice import SliceSpec
-from launcher.runsync import WHOLE, read_new
+from launcher.runsync import WHOLE, list_event_files, read_new
 
 
 def _ephemeral_low() -> int:
@@ -150,6 +150,10 @@ class HostActor:
     def pull(self, root: str, offsets: Dict[str, int]):
         """New bytes of this host's run-directory files (see launcher/runsync.py)."""
         return read_new(root, offsets)
+
+    def event_files(self, root: str) -> List[str]:
+        """This host's TensorBoard event files (launcher/runsync.py asks host 0 before each pull)."""
+        return list_event_files(root)
 
     def pid(self) -> Optional[int]:
         return self.proc.pid if self.proc is not None else None

@@ -2,7 +2,9 @@
 
 Each such host's trainer writes into a host-local run directory; the supervisor pulls what was appended
 (whole lines) through the host's Ray actor and appends it to the real run directory, so logs/, events.jsonl,
-metrics.jsonl and result.json look the same as on a local pod.
+metrics.jsonl, result.json and tb/ look the same as on a local pod. Host 0's TensorBoard event files (tb/) have
+names made when they are created (one per attempt and writer), so each pull first asks host 0 which there are;
+they are binary, synced by whole TFRecords instead of whole lines.
 """
 import logging
 import os
@@ -11,11 +13,13 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 import ray
 
 from trainer import runfiles
+from trainer.tensorboard import EVENT_FILE, event_files, whole_records
 
 log = logging.getLogger("launcher.runsync")
 
 APPENDED = (runfiles.EVENTS, runfiles.METRICS, runfiles.GOODPUT)
 WHOLE = (runfiles.RESULT,)
+MAX_EVENT_FILES = 1000  # one per attempt and launch: a host listing more is not believed past this
 
 
 def host_files(host: int) -> Tuple[str, ...]:
@@ -28,8 +32,20 @@ def is_whole(name: str) -> bool:
     return name in WHOLE or name.startswith("hosts/")
 
 
+def is_event_file(name: str) -> bool:
+    """A TensorBoard event file of the run directory's tb/ (a name a host reported)."""
+    prefix = runfiles.TB + "/"
+    return isinstance(name, str) and name.startswith(prefix) and bool(EVENT_FILE.fullmatch(name[len(prefix):]))
+
+
+def list_event_files(root: str) -> List[str]:
+    """On a host: its TensorBoard event files, as names relative to its run directory."""
+    return [f"{runfiles.TB}/{os.path.basename(p)}" for p in event_files(root)]
+
+
 def read_new(root: str, offsets: Dict[str, int]) -> Dict[str, Tuple[bytes, int]]:
-    """On a host: bytes appended to each file since its offset, up to the last newline; whole small files."""
+    """On a host: bytes appended to each file since its offset, up to the last newline (event files: the last
+    whole record); whole small files."""
     out = {}
     for name, offset in offsets.items():
         path = os.path.join(root, name)
@@ -42,7 +58,7 @@ def read_new(root: str, offsets: Dict[str, int]) -> Dict[str, Tuple[bytes, int]]
                 chunk = f.read()
         except FileNotFoundError:
             continue
-        cut = chunk.rfind(b"\n") + 1
+        cut = whole_records(chunk) if is_event_file(name) else chunk.rfind(b"\n") + 1
         if cut:
             out[name] = (chunk[:cut], offset + cut)
     return out
@@ -113,6 +129,7 @@ class RunSync:
         self._warned: set = set()  # (host, name) of unexpected names already logged
 
     def pull(self, timeout_s: float = 30.0) -> None:
+        self._find_event_files(timeout_s)
         refs = {i: a.pull.remote(self.host_dirs[i], self.offsets[i]) for i, a in enumerate(self.actors)}
         for i, ref in refs.items():
             try:
@@ -122,3 +139,25 @@ class RunSync:
             # only the names asked for (this host's offsets), each inside the run dir: a host is not trusted
             # to say where the supervisor writes
             self.offsets[i].update(apply_chunks(self.run_dir, i, self.offsets[i], chunks, self._warned))
+
+    def _find_event_files(self, timeout_s: float) -> None:
+        """Host 0's event files not synced yet join its names. The names come from the host, so each must be a
+        plain event-file name in tb/. A file already here (an earlier attempt or launch synced its beginning)
+        goes on from its size here."""
+        try:
+            names = ray.get(self.actors[0].event_files.remote(self.host_dirs[0]), timeout=timeout_s)
+        except Exception:  # noqa: BLE001 - a dead or busy host 0: its new files are looked for on the next pull
+            return
+        known = self.offsets[0]
+        for name in names if isinstance(names, list) else []:
+            if name in known:
+                continue
+            target = _inside(self.run_dir, name) if is_event_file(name) else None
+            if target is None or sum(map(is_event_file, known)) >= MAX_EVENT_FILES:
+                key = (0, repr(name)[:200])
+                if key not in self._warned:
+                    self._warned.add(key)
+                    log.warning("run sync: ignored %s from host 0: not a TensorBoard event file of tb/ (or past "
+                                "%d of them)", key[1], MAX_EVENT_FILES)
+                continue
+            known[name] = os.path.getsize(target) if os.path.exists(target) else 0

@@ -23,6 +23,7 @@ from launcher import goodput
 from launcher.blame import exit_times
 from launcher.classify import HOST_LOST, Budget, classify
 from launcher.hosts import HostStartError, Pod
+from launcher.mfu import launch_mfu, run_peak_flops
 from launcher.progress import Progress
 from launcher.report import at_end_of_run
 from launcher.runsync import RunSync, host_files
@@ -34,6 +35,7 @@ from launcher.watch import Watch
 from trainer import runfiles
 from trainer.goodput import GoodputLog
 from trainer.heartbeat import read_heartbeat
+from trainer.tensorboard import write_goodput
 from trainer.runfiles import (CONFIG, EXIT_FAILED, EXIT_OK, EXIT_USER_ERROR, GOODPUT, POD, REASON_PREEMPTION, RESULT,
                               RESULT_PREVIOUS, SUMMARY)
 
@@ -95,11 +97,13 @@ class HostDirs:
         return {self.config(i): to_yaml(host_cfg)}
 
 
-def _trainer_argv(dirs: HostDirs, plan: Plan, coordinator: str, attempt: int):
+def _trainer_argv(dirs: HostDirs, plan: Plan, coordinator: str, attempt: int, peak_flops: Optional[float]):
     def argv_for(i: int):
         argv = ["-m", "trainer.main", "--config", dirs.config(i), "--process-id", str(i),
                 "--num-processes", str(plan.slice.hosts * plan.num_slices), "--coordinator", coordinator,
                 "--attempt", str(attempt)]
+        if peak_flops is not None:
+            argv += ["--peak-flops", repr(float(peak_flops))]
         return argv
 
     return argv_for
@@ -169,7 +173,8 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
     _say(f"{plan.num_slices} x {plan.slice.accelerator_type} ({', '.join(s.name for s in plan.slices)}): "
          f"{plan.slice.hosts} hosts x {plan.slice.devices_per_host} devices per slice, mesh {plan.mesh}")
     provider = _provider(cfg, plan)
-    sup = Supervisor(cfg, plan, run, provider, ledger, first_attempt=_next_attempt(run))
+    peak_flops = run_peak_flops(cfg, plan)  # measured (local pods) before the pod starts, so it does not disturb it
+    sup = Supervisor(cfg, plan, run, provider, ledger, first_attempt=_next_attempt(run), peak_flops=peak_flops)
     status, code, error = "failed", EXIT_FAILED, None
     saved = None  # the step every host checkpointed at when the launch was stopped (Ctrl-C, SIGTERM, tpu-launch stop)
     try:
@@ -222,8 +227,13 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
         "params_digest": result.get("params_digest"), "exit_codes": {str(k): v for k, v in sup.codes.items()},
         "wall_s": round(time.time() - started_at, 3), "launches": sum(1 for r in goodput.read(run.file(GOODPUT)) if r.get("kind") == "launch"),
         "error": error, "exit_code": code, "stopped_at_step": saved,
+        "mfu": launch_mfu(runfiles.read_jsonl(run.file(runfiles.METRICS)), started_at), "peak_flops": peak_flops,
     }
     run.write_json(SUMMARY, summary)
+    try:
+        write_goodput(run.path, summary)
+    except OSError as e:  # TensorBoard's copy of the goodput is a view; summary.json holds it already
+        log.warning("could not write the goodput to %s: %s", run.file(runfiles.TB), e)
     run.event("command_end", status=status, wall_s=summary["wall_s"])
     at_end_of_run(run.path)
     if status == "completed":
@@ -286,8 +296,10 @@ class Supervisor:
     slice's nodes are gone, and start again from the newest complete checkpoint.
     """
 
-    def __init__(self, cfg: DictConfig, plan: Plan, run: RunDir, provider, ledger, first_attempt: int = 0):
+    def __init__(self, cfg: DictConfig, plan: Plan, run: RunDir, provider, ledger, first_attempt: int = 0,
+                 peak_flops: Optional[float] = None):
         self.cfg, self.plan, self.run, self.provider, self.ledger = cfg, plan, run, provider, ledger
+        self.peak_flops = peak_flops
         self.attempt = first_attempt
         s = cfg.supervisor
         self.budget = Budget(s.max_preemptions, s.max_failures, s.backoff_s, s.backoff_max_s)
@@ -325,8 +337,8 @@ class Supervisor:
                                     [p["sizes"] for p in prepared])
             self.ledger("attempt_start", attempt=self.attempt)
             self.run.event("attempt_start", attempt=self.attempt, coordinator=coordinator)
-            refs = group.start(_trainer_argv(self.dirs, plan, coordinator, self.attempt), _trainer_env(plan, group),
-                               self.dirs.log, self.dirs.dir, prepared)
+            refs = group.start(_trainer_argv(self.dirs, plan, coordinator, self.attempt, self.peak_flops),
+                               _trainer_env(plan, group), self.dirs.log, self.dirs.dir, prepared)
             watch = Watch(group, refs, self.attempt, self._heartbeat, cfg.watchdog.timeout_s,
                           cfg.watchdog.startup_timeout_s, on_poll=self.sync.pull if self.sync else None, say=_say)
             evidence = watch.run()

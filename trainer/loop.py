@@ -13,6 +13,7 @@ from trainer.checkpoint import Checkpointer
 from trainer.data.stream import BatchStream, eval_batches, read_manifest
 from trainer.digest import params_digest
 from trainer.events import EventLog
+from trainer.flops import flops_per_step, mfu
 from trainer.model import ModelSpec, TransformerLM
 from trainer.optim import make_optimizer
 from trainer.runfiles import (METRICS, PHASE_COMPILE, PHASE_RESTORE, PHASE_SAVE_WAIT, PHASE_TRAIN, RESULT,
@@ -20,16 +21,19 @@ from trainer.runfiles import (METRICS, PHASE_COMPILE, PHASE_RESTORE, PHASE_SAVE_
 from trainer.sharding import batch_sharding, local_rows, make_mesh
 from trainer.state import abstract_state, count_params, create_state, state_shardings
 from trainer.step import make_eval_step, make_train_step
+from trainer.tensorboard import EventWriter
 
 log = logging.getLogger("trainer.loop")
 progress = logging.getLogger("trainer.progress")
 
 
 class Loop:
-    def __init__(self, cfg, events: EventLog, start_time: float, heartbeat=None, goodput=None, preempted=None):
+    def __init__(self, cfg, events: EventLog, start_time: float, heartbeat=None, goodput=None, preempted=None,
+                 peak_flops: Optional[float] = None):
         """heartbeat: trainer.heartbeat.Heartbeat (or None); goodput: a GoodputLog on host 0 (else None);
-        preempted(step) -> bool: True on every host at the one step all hosts agreed to stop at."""
-        self.cfg, self.events, self.start_time = cfg, events, start_time
+        preempted(step) -> bool: True on every host at the one step all hosts agreed to stop at;
+        peak_flops: the whole pod's peak FLOP/s, from the launcher (None: unknown, records get "mfu": null)."""
+        self.cfg, self.events, self.start_time, self.peak_flops = cfg, events, start_time, peak_flops
         self.beat = heartbeat.beat if heartbeat is not None else (lambda **k: None)
         self.goodput = goodput or (lambda *a, **k: None)
         self.preempted = preempted or (lambda step: False)
@@ -50,6 +54,8 @@ class Loop:
         self.local_batch = rows[1] - rows[0]
         self.shard_index, self.shard_count = rows[0] // self.local_batch, self.batch // self.local_batch
         self.batch_sharding = batch_sharding(self.mesh)
+        self.step_flops = flops_per_step(self.spec, self.batch, self.seq_len)
+        self.tb: Optional[EventWriter] = None  # host 0's TensorBoard file, open while run() runs
 
     # -- data ---------------------------------------------------------------------------------------------
     def _global(self, local: Dict[str, np.ndarray]):
@@ -77,11 +83,19 @@ class Loop:
                       result["eval_ppl"], result["eval_acc"])
         if self.is_host0:
             append_jsonl(os.path.join(self.run_dir, METRICS), result)
+            self.tb.record(result)
         self.goodput("eval", seconds=result["eval_s"], split=split)
         return result
 
     # -- main ---------------------------------------------------------------------------------------------
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            if self.tb is not None:
+                self.tb.close()
+
+    def _run(self) -> dict:
         cfg, ev = self.cfg, self.events
         shardings = state_shardings(self.model, self.tx, self.mesh, self.seq_len)
         ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep, cfg.checkpoint.async_save,
@@ -104,6 +118,8 @@ class Loop:
         else:
             start_step = 0
             state, _ = create_state(self.model, self.tx, self.mesh, self.seq_len, int(cfg.trainer.seed))
+        if self.is_host0:  # a fresh file per attempt; what earlier ones logged past start_step is purged
+            self.tb = EventWriter(self.run_dir, f"host{self.host}", purge_from=start_step + 1)
         n_params = count_params(state["params"])
         progress.info("model %s: %d params | mesh %s | %d hosts x %d devices | batch %d (this host %d rows)",
                       cfg.model.name, n_params, dict(self.mesh.shape), jax.process_count(),
@@ -147,7 +163,7 @@ class Loop:
                     record = {"step": done, "loss": loss, "lr": float(metrics["lr"]),
                               "grad_norm": float(metrics["grad_norm"]), "step_time_s": step_time,
                               "tokens_per_s": self.batch * self.seq_len / step_time, "time": now,
-                              "data_wait_s": data_wait / n}
+                              "data_wait_s": data_wait / n, "mfu": mfu(self.step_flops, step_time, self.peak_flops)}
                     if first:
                         record["includes_compile"] = True
                         ev("first_step", step=done, since_start_s=round(now - self.start_time, 4))
@@ -161,6 +177,7 @@ class Loop:
                     final_loss = loss
                     if self.is_host0:
                         append_jsonl(metrics_path, record)
+                        self.tb.record(record)
                     progress.info("step %d/%d | loss %.4f | lr %.2e | %.0f tok/s | step %.3fs", done, self.steps,
                                   loss, record["lr"], record["tokens_per_s"], step_time)
                     mark_time, mark_step, data_wait, excluded = time.time(), done, 0.0, 0.0

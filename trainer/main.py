@@ -26,6 +26,8 @@ def _parse(argv):
     p.add_argument("--coordinator", required=True, help="host:port of host 0")
     p.add_argument("--devices", type=int, default=0, help="CPU devices for this process (local pods)")
     p.add_argument("--attempt", type=int, default=0)
+    p.add_argument("--peak-flops", type=float, default=None,
+                   help="the pod's peak FLOP/s for MFU (the launcher's: catalog or measured); unset: no MFU")
     return p.parse_args(argv)
 
 
@@ -87,7 +89,8 @@ def main(argv=None) -> int:
     from trainer.loop import Loop, write_result
 
     try:
-        result = Loop(cfg, events, start, heartbeat, goodput, distributed.preemption_check()).run()
+        result = Loop(cfg, events, start, heartbeat, goodput, distributed.preemption_check(),
+                      args.peak_flops).run()
     except (CheckpointError, DataError) as e:
         logging.getLogger("trainer").error("%s", e)
         events("error", kind="user", message=str(e))
