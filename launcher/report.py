@@ -212,7 +212,8 @@ def draw(data: ReportData, out: str) -> str:
             ax_good.text(left + share / 2, 0, name, ha="center", va="center", fontsize=8, color="white")
         left += share
     ax_good.set(xlim=(0, 1), yticks=[], xlabel="share of the run's time",
-                title=f"goodput {g.get('goodput', 0.0):.2f} of {total:.1f} s")
+                title=f"goodput {g.get('goodput', 0.0):.2f} of {total:.1f} s"
+                      + (f" ({g['idle_s']:.1f} s idle between launches not counted)" if g.get("idle_s") else ""))
     if total:
         ax_good.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=5, fontsize=8, frameon=False)
     else:
@@ -260,7 +261,8 @@ def text(data: ReportData, png: Optional[str]) -> List[str]:
                           f"acc {ev.get('eval_acc', float('nan')):.4f} (step {ev.get('step')})")
     lines.append("  " + " | ".join(losses))
     badput = sorted(((v, k) for k, v in (g.get("badput") or {}).items() if v > 0), reverse=True)[:3]
-    lines.append(f"  goodput {g.get('goodput', 0.0):.2f} of {g.get('total_s', 0.0):.1f} s"
+    idle = f" ({g['idle_s']:.1f} s idle between launches not counted)" if g.get("idle_s") else ""
+    lines.append(f"  goodput {g.get('goodput', 0.0):.2f} of {g.get('total_s', 0.0):.1f} s{idle}"
                  + (" | most badput: " + ", ".join(f"{k} {v:.1f} s" for v, k in badput) if badput else ""))
     by_cause = {c: n for c, n in (g.get("restarts") or {}).items() if c != "total" and n}
     rest = f"  restarts {_restart_count(data)}" + (
