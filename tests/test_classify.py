@@ -52,3 +52,11 @@ def test_budgets_and_backoff():
     assert [b.backoff(False), b.backoff(False), b.backoff(False), b.backoff(True)] == [2, 3, 3, 1]
     limited = Budget(max_preemptions=1, max_failures=0, backoff_s=1, backoff_max_s=1)
     assert limited.allow(pre) is None and "max_preemptions=1" in limited.allow(pre)
+
+
+def test_the_host_that_failed_first_is_blamed_by_its_heartbeat_time():
+    # host 1 raised; host 0's collective then failed too: the earlier exit is the cause, whatever the host number
+    f = classify(Evidence(codes={0: 1, 1: 1}, times={0: 130.0, 1: 100.0}))
+    assert (f.cause, f.host) == ("user_error", 1)
+    assert classify(Evidence(codes={0: 1, 1: 1})).host == 0  # no times: by host number, as before
+    assert classify(Evidence(codes={0: 137, 1: 139}, times={0: 20.0, 1: 10.0})).host == 1

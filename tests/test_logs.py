@@ -110,3 +110,18 @@ def test_bad_host_and_missing_run_are_one_line_exit_2(trained_run, tmp_path):
         assert proc.returncode == 2, (args, explain(proc))
         assert proc.stdout == "" and len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: ")
     assert "host 7" in tpu_launch("logs", trained_run, "--host", "7").stderr
+
+
+def test_first_error_of_a_log_is_in_its_last_traceback():
+    from launcher.blame import first_error
+
+    log = "\n".join([
+        "[host 1] step 2/8", "Traceback (most recent call last):", '  File "a.py", line 1, in <module>',
+        "ValueError: an earlier attempt's", "[host 1] step 4/8",
+        "[host 1] ERROR trainer: could not read shard x", "Traceback (most recent call last):",
+        '  File "b.py", line 2, in f', "    g()", "OSError: shard x", "[hygiene] after"])
+    line, traceback = first_error(log)
+    assert line == "[host 1] ERROR trainer: could not read shard x"
+    assert traceback == log.splitlines()[6:10]
+    assert first_error("[host 0] step 1\n[host 0] done\n") == (None, [])
+    assert first_error("Traceback (most recent call last):\n  File \"c.py\"\nKeyError: 'k'\n")[0] == "KeyError: 'k'"

@@ -97,9 +97,14 @@ def test_live_run_then_its_launcher_killed_is_supervisor_lost(tmp_path, corpus_c
         assert second["eta_s"] is not None and second["eta_s"] > 0 and second["goodput"] is not None
         row = tpu_launch("status", run_dir).stdout.splitlines()[1]
         assert row.split()[:2] == ["live", "running"] and "2/2 (" in row
+        follow = subprocess.Popen([sys.executable, "-m", "launcher.cli", "logs", run_dir, "--follow"], cwd=ROOT,
+                                  env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE, text=True)
+        assert follow.stdout.readline().startswith("[")  # host 0's log so far, then its new lines
 
         os.kill(chaos.proc.pid, signal.SIGKILL)  # the supervisor dies; its pod and trainers are left behind
         chaos.proc.wait(timeout=30)
+        followed, _ = follow.communicate(timeout=60)  # --follow ends once no launcher holds the run
+        assert follow.returncode == 0 and "[host 0] step" in followed
         [lost] = status(run_dir)
         assert lost["state"] == "supervisor lost", lost
         assert "supervisor lost" in tpu_launch("status", run_dir).stdout
