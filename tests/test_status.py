@@ -197,3 +197,39 @@ def test_cloud_run_queued_resource_state_and_cost(tmp_path):
     assert st["state"] == "supervisor lost"
     proc = tpu_launch("status", live)
     assert proc.returncode == 0 and "Traceback" not in proc.stdout + proc.stderr and "unknown (" in proc.stdout
+
+
+def test_restarting_until_the_hosts_train_again(tmp_path):
+    """A live launcher (the lock, held here) whose attempt 0 failed: `restarting` while attempt 1's hosts start
+    up, `running` once they all train."""
+    from launcher.rundir import RunDir
+
+    run_dir = str(tmp_path / "restart")
+    run = RunDir(run_dir)
+    run.acquire()
+    try:
+        runfiles.write_atomic(os.path.join(run_dir, runfiles.CONFIG), json.dumps(
+            {"run": {"name": "restart"}, "trainer": {"steps": 50}, "cluster": {"provider": "local", "hosts": 2}}))
+        now = time.time()
+        events, ledger = os.path.join(run_dir, runfiles.EVENTS), os.path.join(run_dir, runfiles.GOODPUT)
+        runfiles.append_jsonl(events, {"event": "command_start", "host": "launcher", "time": now - 60})
+        runfiles.append_jsonl(events, {"event": "failure", "host": "launcher", "time": now - 20, "attempt": 0,
+                                       "cause": "crash", "blamed": 1, "codes": {"1": 137}})
+        for record in ({"kind": "launch", "time": now - 60}, {"kind": "attempt_start", "attempt": 0, "time": now - 59},
+                       {"kind": "failure", "attempt": 0, "time": now - 20, "cause": "crash", "last_step": 7},
+                       {"kind": "attempt_start", "attempt": 1, "time": now - 10}):
+            runfiles.append_jsonl(ledger, record)
+
+        def beat(phase):
+            for i in (0, 1):
+                runfiles.write_json(runfiles.heartbeat_file(run_dir, i), {"attempt": 1, "phase": phase, "step": 4,
+                                                                           "time": time.time(), "exit": None})
+
+        beat(runfiles.PHASE_COMPILE)
+        [st] = status(run_dir)
+        assert (st["state"], st["restarts"], st["hosts_alive"]) == ("restarting", {"crash": 1}, 2)
+        beat(runfiles.PHASE_TRAIN)
+        assert status(run_dir)[0]["state"] == "running"
+    finally:
+        run.release()
+    assert status(run_dir)[0]["state"] == "supervisor lost"  # no end recorded, and nothing holds the lock now
