@@ -28,7 +28,8 @@ class Blame:
     failures: int  # failure records of the run in all (this is the latest)
 
 
-def _beats(run_dir: str) -> Dict[int, dict]:
+def heartbeats(run_dir: str) -> Dict[int, dict]:
+    """Every host's heartbeat (hosts/host-<i>.json) that can be read, by host number."""
     return {i: hb for i in runfiles.host_ids(run_dir, runfiles.HOSTS)
             if isinstance(hb := runfiles.read_json(runfiles.heartbeat_file(run_dir, i)), dict)}
 
@@ -36,7 +37,7 @@ def _beats(run_dir: str) -> Dict[int, dict]:
 def exit_times(run_dir: str, attempt: int) -> Dict[int, float]:
     """Per host of `attempt`: when it exited (its heartbeat's last write, the exit record's), or for a host that
     died without one (killed) its last beat: the order in which the hosts failed."""
-    return {i: float(hb["time"]) for i, hb in _beats(run_dir).items()
+    return {i: float(hb["time"]) for i, hb in heartbeats(run_dir).items()
             if hb.get("attempt") == attempt and isinstance(hb.get("time"), (int, float))}
 
 
@@ -44,7 +45,7 @@ def evidence(run_dir: str, attempt: int, codes: Dict[int, int]) -> Evidence:
     """The evidence of the supervisor's classify, from the files: exit codes (as the supervisor saw them, else
     the heartbeats'), exit reasons, last phases and failure times of the hosts of `attempt`."""
     ev = Evidence(codes=dict(codes), times=exit_times(run_dir, attempt))
-    for i, hb in _beats(run_dir).items():
+    for i, hb in heartbeats(run_dir).items():
         if hb.get("attempt") != attempt:
             continue
         ev.phases[i] = hb.get("phase") or runfiles.PHASE_INIT
@@ -67,7 +68,7 @@ def blame(run_dir: str) -> Optional[Blame]:
         attempt = record.get("attempt")
         codes = {int(k): int(v) for k, v in (record.get("codes") or {}).items()}
     else:
-        attempts = [hb.get("attempt") for hb in _beats(run_dir).values() if isinstance(hb.get("attempt"), int)]
+        attempts = [hb.get("attempt") for hb in heartbeats(run_dir).values() if isinstance(hb.get("attempt"), int)]
         if not attempts:
             return None
         attempt, codes, record = max(attempts), {}, {}

@@ -24,6 +24,7 @@ import time
 from typing import List, Optional
 
 from launcher import goodput
+from launcher.blame import heartbeats
 from launcher.commands.common import add_root, all_runs, resolve_run
 from launcher.errors import first_line
 from launcher.rundir import RunDir
@@ -152,8 +153,7 @@ def run_status(run_dir: str, now: Optional[float] = None) -> dict:
              and _num(m.get("time")) is not None]
     last = steps[-1] if steps else {}
 
-    beats = {i: hb for i in runfiles.host_ids(run_dir, runfiles.HOSTS)
-             if isinstance(hb := runfiles.read_json(runfiles.heartbeat_file(run_dir, i)), dict)}
+    beats = heartbeats(run_dir)
     attempts = [hb["attempt"] for hb in beats.values() if isinstance(hb.get("attempt"), int)]
     current = [hb for hb in beats.values() if attempts and hb.get("attempt") == max(attempts)]
     period = float((cfg.get("watchdog") or {}).get("heartbeat_s") or 1.0)
