@@ -9,6 +9,7 @@ States, from the run directory alone:
                    the latest launch ended (events.jsonl command_end): summary.json's status
   supervisor lost  the latest launch has no end and nothing holds the lock: its launcher died (type the run's
                    command again to take it over and resume it)
+  not started      no launch recorded (a dry run's plan only)
 
 Hosts alive: heartbeats (hosts/host-<i>.json) of the latest attempt with no exit record, written within
 5 heartbeat periods (watchdog.heartbeat_s), with the oldest such heartbeat's age. ETA: the remaining steps of
