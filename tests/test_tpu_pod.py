@@ -204,10 +204,13 @@ def assert_no_leaks(run_dir, tmp_path, api, secrets_, extra_bodies=()):
 
 
 def test_detach_and_reattach_to_the_supervisor_job(tpu_cloud, tmp_path, corpus_cache, gcs_emulator):
-    """Ctrl-C detaches the terminal but the run goes on as a Ray job; the same command again follows it."""
+    """Ctrl-C detaches the terminal but the run goes on as a Ray job; the same command again follows it. Then
+    `tpu-launch stop` from another terminal stops that job the graceful way (a checkpoint at one agreed step), and
+    the command typed again resumes there."""
     cluster, server, hosts = tpu_cloud
-    args = ["+cluster=v4-8", "run.name=detach", f"run.dir={tmp_path / 'detach'}", *TINY, "trainer.steps=6",
-            "checkpoint.every=6", "cluster.project=test-project", f"cluster.tpu_api_endpoint={server.url}",
+    run_dir = str(tmp_path / "detach")
+    args = ["+cluster=v4-8", "run.name=detach", f"run.dir={run_dir}", *TINY, "trainer.steps=100",
+            "checkpoint.every=100", "cluster.project=test-project", f"cluster.tpu_api_endpoint={server.url}",
             f"ray.address={cluster.address}", f"ray.dashboard_port={cluster.dashboard_port}",
             # the bucket holds the wheel the TPU VM's startup script installs before it joins the head
             f"cluster.bucket=gs://{gcs_emulator.bucket}/detach", f"cluster.host_run_root={tmp_path}/vm-disks",
@@ -218,13 +221,34 @@ def test_detach_and_reattach_to_the_supervisor_job(tpu_cloud, tmp_path, corpus_c
     detached = first.finish(timeout=60)
     assert detached.returncode == 0, explain(detached)
     assert "detached; job launcher-detach-" in detached.stdout
-    again = launch_pumping(hosts, *args)
-    assert again.returncode == 0, explain(again)
-    assert "is live as job launcher-detach-" in again.stdout  # followed the same job, no second submission
-    assert server.count("POST", "queuedResources") == 1
-    summary = read_json(os.path.join(tmp_path, "detach", "summary.json"))
-    assert summary["status"] == "completed" and summary["final_step"] == 6 and summary["hosts"] == 1
+    again = Cli(hosts, *args)
+    assert again.pump_until(lambda: any("is live as job launcher-detach-" in line for line in again.out), timeout=120)
+    beat = os.path.join(tmp_path, "vm-disks", "detach", "host-0", "hosts", "host-0.json")  # the TPU VM's own disk
+    assert again.pump_until(lambda: ((_read_or_none(beat) or {}).get("step") or 0) >= 2, timeout=300)
+    stop = subprocess.Popen([sys.executable, "-m", "launcher.cli", "stop", run_dir], cwd=ROOT, text=True,
+                            env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert again.pump_until(lambda: stop.poll() is not None, timeout=300)
+    stopped_out = stop.communicate()[0]
+    followed = again.finish(timeout=120)
+    assert stop.returncode == 0, stopped_out + explain(followed)
+    assert server.count("POST", "queuedResources") == 1  # the same job followed, no second submission
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    assert summary["status"] == "stopped" and "terminated (SIGTERM)" in summary["error"], summary
+    step = summary["stopped_at_step"]
+    assert 2 <= step < 100 and f"the hosts saved a checkpoint at step {step}:" in stopped_out
+    resumed = launch_pumping(hosts, *args)
+    assert resumed.returncode == 0, explain(resumed)
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    assert summary["status"] == "completed" and summary["final_step"] == 100 and summary["hosts"] == 1
+    assert summary["resumed_from_step"] == step and summary["lost_steps"] == 0
     assert not hosts.errors
+
+
+def _read_or_none(path):
+    try:
+        return read_json(path)
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return None
 
 
 def test_cloud_run_creates_and_deletes_its_ray_head_vm(gcs_emulator, tmp_path, corpus_cache):
