@@ -91,3 +91,22 @@ def test_stop_signals_only_a_launcher_on_this_machine(tmp_path, host, expected):
         os.close(fd)
     assert proc.returncode == 2, explain(proc)  # and this process, the pid in the lock, got no signal
     assert expected.format(pid=os.getpid()) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_stop_of_a_cloud_run_whose_head_vm_is_gone_has_nothing_to_stop(tmp_path):
+    """A cloud run supervised by a Ray job on its own head VM: stop looks for the head (Compute API) before it opens
+    a tunnel; no head VM, no live job."""
+    from compute_api_server import ComputeApiServer
+    from launcher.config import compose_config, to_yaml
+
+    run_dir = str(tmp_path / "headless")
+    os.makedirs(run_dir)
+    with ComputeApiServer(tick_s=0.05) as compute:
+        cfg = compose_config(["+cluster=v4-8", "run.name=headless", f"run.dir={run_dir}", "cluster.project=p",
+                              f"cluster.compute_api_endpoint={compute.url}"])
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(to_yaml(cfg))
+        proc = cli("stop", run_dir)
+        assert compute.count("GET", "instances/headless-head") == 1  # it asked for the run's head VM
+    assert proc.returncode == 0, explain(proc)
+    assert proc.stdout.strip() == "run headless is not live: nothing to stop"
