@@ -59,6 +59,7 @@ def run(args) -> int:
         return runfiles.EXIT_OK
     failed = 0
     for what, _, delete in found:
+        print(f"deleting {what} ...", flush=True)  # a queued resource or a VM takes minutes to go
         try:
             delete()
             print(f"deleted {what}", flush=True)
