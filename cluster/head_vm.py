@@ -29,6 +29,7 @@ DEAD = {"STOPPING", "PENDING_STOP", "STOPPED", "SUSPENDING", "SUSPENDED", "TERMI
 NOT_FOUND = "NOT_FOUND"
 SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
 DEFAULT_IMAGE = "projects/debian-cloud/global/images/family/debian-12"
+PYTHON_ENV = "TPU_LAUNCHER_PYTHON"  # the head's venv python, exported before `ray start` (its jobs inherit it)
 
 
 def make_compute_client(endpoint: Optional[str] = None) -> Any:
@@ -91,8 +92,10 @@ fetch_verified "$LOCK_URL" "$LOCK" "$LOCK_SHA256"
 "$VENV/bin/python" -m pip install --quiet --require-hashes --no-deps -r "$LOCK"
 "$VENV/bin/python" -m pip install --quiet --no-deps --force-reinstall "$WHEEL"
 
-# 3. The Ray head; jobs submitted to its job server run `python -m launcher` from this venv.
+# 3. The Ray head; jobs submitted to its job server run `python -m launcher` from this venv: the launcher's job
+#    entrypoint names its interpreter through {python_env} (launcher/job.py), which the job inherits from here.
 export PATH="$VENV/bin:$PATH"
+export {python_env}="$VENV/bin/python"
 ray stop --force || true
 # Ray's ports on the internal address only (TPU VMs join there; every call needs the run's token), the job server
 # on loopback only: the laptop reaches it through an SSH tunnel to port 22, the one port open from outside.
@@ -112,7 +115,7 @@ def head_startup_script(staged, ray_port: int = 6379, dashboard_port: int = 8265
     """
     return _HEAD_TEMPLATE.format(
         **staged_args(staged),
-        metadata_url=shlex.quote(METADATA_URL),
+        metadata_url=shlex.quote(METADATA_URL), python_env=PYTHON_ENV,
         ray_port=int(ray_port), dashboard_port=int(dashboard_port), num_cpus=int(num_cpus))
 
 

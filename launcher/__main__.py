@@ -56,7 +56,7 @@ def _run_as_job(cfg, argv) -> int:
                 from launcher.wheel import staged_env, staged_for_run
 
                 env.update(staged_env(staged_for_run(cfg.cluster.bucket)[0]))
-            job_id = job.submit(client, cfg.run.name, argv, env)
+            job_id = job.submit(client, cfg.run.name, argv, env, job.supervisor_python(cfg, own_head=head is not None))
             print(f"[launcher] submitted the supervisor as Ray job {job_id}; Ctrl-C detaches", flush=True)
         code, finished = job.follow(client, job_id)
     finally:

@@ -6,10 +6,12 @@ that run (by its `launcher-run` metadata) and follows it instead of submitting a
 """
 import asyncio
 import os
+import re
 import shlex
 import sys
 import time
 from typing import List, Optional, Tuple
+from urllib.parse import urlsplit
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -64,13 +66,54 @@ def stop_env(cfg) -> dict:
     return {STOP_WAIT_ENV: str(int(cfg.supervisor.stop_grace_s) + int(cfg.cluster.provision_timeout_s) + 60)}
 
 
-def submit(client: JobSubmissionClient, run_name: str, argv: List[str], env: dict) -> str:
-    entrypoint = " ".join(shlex.quote(a) for a in
-                          ["python", "-m", "launcher", *argv, "launcher.in_job=true", "launcher.preflight=false"])
+def supervisor_python(cfg, own_head: bool) -> str:
+    """The interpreter of the supervisor job, as the first shell word of its entrypoint (the job server runs it
+    with a shell on the head): one the project is installed in, where the launcher can tell. `ray.python` if set;
+    on the head VM of the run, its venv's python (its startup script exports it before `ray start`:
+    cluster/head_vm.py); on a head on this machine, this very interpreter; else `python` on the head's PATH."""
+    from cluster.head_vm import PYTHON_ENV
+
+    if cfg.ray.python:
+        return shlex.quote(str(cfg.ray.python))
+    if own_head:  # the fallback is for a head that did not boot from our script (the tests' head on this machine)
+        fallback = re.sub(r'([\\"$`])', r"\\\1", sys.executable)  # as it stands inside double quotes
+        return f'"${{{PYTHON_ENV}:-{fallback}}}"'
+    if on_this_machine(str(cfg.ray.address)):
+        return shlex.quote(sys.executable)
+    return "python"
+
+
+def on_this_machine(address: str) -> bool:
+    """Whether a Ray address names this machine: `auto` (a cluster started here), loopback, or an address of one of
+    its network interfaces."""
+    import ipaddress
+    import socket
+
+    import psutil
+
+    if address == "auto":
+        return True
+    host = urlsplit("//" + address.split("://")[-1]).hostname or ""
+    try:
+        ips = {info[4][0] for info in socket.getaddrinfo(host, None)} if host else set()
+    except (OSError, UnicodeError):  # not resolvable from here: not a name of this machine
+        return False
+    mine = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs}
+    return any(ip in mine or ipaddress.ip_address(ip.split("%")[0]).is_loopback for ip in ips)
+
+
+def entrypoint(python: str, argv: List[str]) -> str:
+    """The supervisor job's command line: `python` (a shell word, supervisor_python) runs the launcher in the job."""
+    return " ".join([python, *(shlex.quote(a) for a in
+                               ["-m", "launcher", *argv, "launcher.in_job=true", "launcher.preflight=false"])])
+
+
+def submit(client: JobSubmissionClient, run_name: str, argv: List[str], env: dict, python: str) -> str:
+    entrypoint_ = entrypoint(python, argv)
     deadline = time.time() + 60
     while True:
         try:
-            return client.submit_job(entrypoint=entrypoint, submission_id=f"launcher-{run_name}-{int(time.time())}",
+            return client.submit_job(entrypoint=entrypoint_, submission_id=f"launcher-{run_name}-{int(time.time())}",
                                      metadata={"launcher-run": run_name}, runtime_env={"env_vars": env})
         except RuntimeError as e:  # a head that just started: "No available agent" / 503 / 504 for a while
             if not any(m in str(e) for m in ("try again later", "code 503", "code 504")) or time.time() > deadline:

@@ -219,6 +219,7 @@ RANGES: Dict[str, Range] = {
 
     "ray.address": unchecked("free-form: handed to Ray (HOST:PORT, ray://HOST:PORT or auto)"),
     "ray.auth_token_file": null_or(non_empty("PATH")),  # not required to exist here: the job on the head validates too
+    "ray.python": null_or(non_empty("/opt/venv/bin/python")),  # a path on the head: it cannot be checked from here
     "ray.port": replace(PORT, example=6379),
     "ray.dashboard": BOOL,
     "ray.dashboard_port": PORT,

@@ -117,6 +117,9 @@ class ClusterConfig:
 class RayConfig:
     address: Optional[str] = None  # attach to an existing Ray cluster; cloud runs without one create a head VM
     auth_token_file: Optional[str] = None  # that cluster's Ray token (null: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH)
+    # the supervisor job's interpreter on that head (null: `python` on its PATH; this interpreter for a head on this
+    # machine, the venv's for the run's own head VM: launcher/job.py supervisor_python)
+    python: Optional[str] = None
     port: int = 6379  # the head VM's Ray port
     dashboard: bool = False
     dashboard_port: int = 8265  # the head's job server, for cloud runs supervised as a Ray job

@@ -110,6 +110,7 @@ CASES = {
 
     "ray.address": NO_RANGE + "free-form, handed to Ray (HOST:PORT, ray://..., auto)",
     "ray.auth_token_file": ("", "must be null or a non-empty string"),
+    "ray.python": ("' '", "must be null or a non-empty string, got ' '"),
     "ray.port": ("0", "must be an integer in 1..65535"),
     "cluster.head_ssh_port": ("70000", "must be an integer in 1..65535"),
     "ray.dashboard": BOOL,
