@@ -1,14 +1,13 @@
 """`python -m launcher [overrides...]`: compose the config, validate it, then run the job on the pod.
 
-Examples:
-  python -m launcher                                   # default model on the embedded corpus, local pod
-  python -m launcher run.name=demo trainer.steps=400   # a named run; the same command again resumes it
-  python -m launcher +cluster=local cluster.hosts=4 cluster.devices_per_host=4
-  python -m launcher --cfg model=tiny                  # print the composed config and exit
+A run whose last launch completed at the same trainer.steps prints its result instead and starts nothing.
+Hydra's flags (--help, --cfg job, --info, --shell-completion) and -m sweeps go through launcher/hydra_cli.py;
+the usage examples of `--help` are in conf/config.yaml (hydra.help).
 """
 import signal
 import sys
 import time
+from typing import Optional
 
 
 def _process_start_time() -> float:
@@ -96,32 +95,58 @@ def _use_run_token(cfg) -> None:
         os.environ.update(LOOPBACK_ENV)
 
 
+def _completed_summary(cfg) -> Optional[dict]:
+    """The run's summary.json if its last launch completed at exactly trainer.steps and no launch is live: the
+    same command again has nothing to train. More steps resume it; checkpoint.resume=false starts it afresh."""
+    from launcher.rundir import RunDir
+    from trainer import runfiles
+
+    if not cfg.checkpoint.resume:
+        return None
+    summary = runfiles.read_json(runfiles.path(cfg.run.dir, runfiles.SUMMARY))
+    if not isinstance(summary, dict) or summary.get("status") != "completed" \
+            or summary.get("final_step") != int(cfg.trainer.steps):
+        return None
+    return None if RunDir(cfg.run.dir).is_locked() else summary
+
+
+def _say_completed(cfg, summary: dict) -> None:
+    def num(x, fmt: str) -> str:
+        return format(x, fmt) if isinstance(x, (int, float)) and not isinstance(x, bool) else "n/a"
+
+    ev = summary.get("eval") or {}
+    print(f"[launcher] run {cfg.run.name} already completed {summary['final_step']} steps; nothing started "
+          f"(raise trainer.steps to train on): loss {num(summary.get('final_loss'), '.4f')}, "
+          f"test loss {num(ev.get('eval_loss'), '.4f')}, ppl {num(ev.get('eval_ppl'), '.2f')}, "
+          f"acc {num(ev.get('eval_acc'), '.4f')}, goodput {num(summary.get('goodput'), '.2f')}; "
+          f"run dir {cfg.run.dir}", flush=True)
+
+
 def main(argv=None) -> int:
     started_at = _process_start_time()
     # Ctrl-C must reach us even when started from a shell that ignores SIGINT for background jobs (`cmd &`,
     # CI runners): it is how a user stops a run with a checkpoint, or detaches from a live one.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    show_cfg = "--cfg" in argv
-    argv = [a for a in argv if a != "--cfg"]
-    from launcher.config import compose_config, to_yaml
+    from launcher import hydra_cli
     from launcher.errors import UserError
     from trainer.runfiles import EXIT_USER_ERROR
 
     try:
-        cfg = compose_config(argv)
-        if show_cfg:
-            print(to_yaml(cfg), end="")
-            return 0
+        if hydra_cli.is_flagged(argv):  # --help, --cfg, --info, -sc: Hydra's; -m: a sweep of launches
+            return hydra_cli.main(argv)
+        from launcher.config import compose_config
         from launcher.validate import validate
 
+        cfg = compose_config(argv)
         plan = validate(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    done = None if cfg.launcher.dry_run else _completed_summary(cfg)
+    if done is not None:  # nothing to train: no pod, no Ray, no file touched
+        _say_completed(cfg, done)
+        return 0
     try:
         if cfg.launcher.dry_run or (cfg.cluster.provider != "local" and cfg.launcher.preflight):
             from launcher import plan as planning

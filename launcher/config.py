@@ -15,21 +15,32 @@ from launcher.errors import UserError, first_line
 
 
 def _has_cluster_choice(overrides: Sequence[str]) -> bool:
-    parser = OverridesParser.create()
-    for ov in parser.parse_overrides(list(overrides)):
-        if ov.key_or_group == "cluster" and not ov.is_delete():
-            return True
-    return False
+    """Whether the overrides choose a cluster; a sweep value (a,b or range(...)) is refused: one launch runs one
+    config, `-m` runs a sweep (launcher/sweep.py)."""
+    chosen = False
+    for ov in OverridesParser.create().parse_overrides(list(overrides)):
+        if ov.is_sweep_override():
+            raise UserError(ov.key_or_group, f"'{ov.input_line}' has several values",
+                            "add -m to run one launch per value: python -m launcher -m ...")
+        chosen = chosen or (ov.key_or_group == "cluster" and not ov.is_delete())
+    return chosen
 
 
-def compose_config(overrides: Sequence[str]) -> DictConfig:
-    """Compose conf/config.yaml with CLI overrides; without +cluster=NAME the local pod is used."""
-    overrides: List[str] = list(overrides)
+def with_default_cluster(overrides: Sequence[str]) -> List[str]:
+    """The overrides with `+cluster=local` first unless they choose a cluster (conf/ has no default cluster, so
+    that `+cluster=NAME` appends one); a malformed override is a UserError."""
+    overrides = list(overrides)
     try:
         if not _has_cluster_choice(overrides):
             overrides.insert(0, "+cluster=local")
     except HydraException as e:
         raise UserError("overrides", first_line(e), "use key=value, +group=option") from None
+    return overrides
+
+
+def compose_config(overrides: Sequence[str]) -> DictConfig:
+    """Compose conf/config.yaml with CLI overrides; without +cluster=NAME the local pod is used."""
+    overrides = with_default_cluster(overrides)
     schema.register()
     GlobalHydra.instance().clear()
     try:
