@@ -92,17 +92,28 @@ class LocalProvider:
         """This pod's running Ray processes (head and raylets) as {"pid", "start_time"}, recorded so a later
         launch can clean up after a supervisor that died without shutting them down. The start time
         (cluster/hygiene.py::process_start_time) tells a recorded process from a later one reusing its pid."""
+        import psutil  # comes with ray[default]
+
         from cluster.hygiene import process_start_time
 
-        procs = []
+        pids = []
         for node in ([self.cluster.head_node] if self.cluster and self.cluster.head_node else []) + self.nodes:
             for infos in node.all_processes.values():
                 for info in infos:
-                    if info.process is None or info.process.poll() is not None:
-                        continue
-                    start_time = process_start_time(info.process.pid)
-                    if start_time is not None:
-                        procs.append({"pid": info.process.pid, "start_time": start_time})
+                    if info.process is not None and info.process.poll() is None:
+                        pids.append(info.process.pid)
+        # The raylets start their agents (dashboard agent, runtime-env agent) as children Ray does not list in
+        # all_processes: without them a takeover would kill the raylets and leave the agents running as orphans.
+        for pid in list(pids):
+            try:
+                pids.extend(c.pid for c in psutil.Process(pid).children(recursive=True))
+            except psutil.Error:
+                continue  # it exited meanwhile: nothing of it to record
+        procs = []
+        for pid in dict.fromkeys(pids):
+            start_time = process_start_time(pid)
+            if start_time is not None:
+                procs.append({"pid": pid, "start_time": start_time})
         return procs
 
     def down(self) -> None:

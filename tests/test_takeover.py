@@ -122,3 +122,35 @@ def test_heartbeat_records_its_start_time(tmp_path):
     Heartbeat(str(tmp_path), 0, attempt=0, interval_s=60).start().finish(0, "done")
     beat = read_heartbeat(str(tmp_path), 0)
     assert beat["pid"] == os.getpid() and beat["pid_start_time"] == process_start_time(os.getpid())
+
+
+def test_a_local_pods_record_holds_the_raylets_agents_so_a_takeover_leaves_no_orphans():
+    """The raylets' dashboard and runtime-env agents are children Ray does not list: the pod's record must hold
+    them, or killing the recorded processes after a dead supervisor leaves them running."""
+    import psutil
+
+    from cluster.local import LocalProvider
+    from cluster.slice import local_slice
+
+    provider = LocalProvider(local_slice("agents", hosts=1, devices_per_host=1, name="tpu-agents-test"))
+    provider.up()
+    try:
+        deadline = time.time() + 60
+        while True:
+            recorded = {p["pid"] for p in provider.processes()}
+            tree = {c.pid: " ".join(c.cmdline()) for pid in recorded if psutil.pid_exists(pid)
+                    for c in psutil.Process(pid).children(recursive=True)}
+            agents = {pid for pid, cmd in tree.items() if "agent" in cmd.lower()}
+            if agents or time.time() > deadline:
+                break
+            time.sleep(0.5)
+        assert agents, f"no agent process under the pod's Ray processes: {tree}"
+        assert agents <= recorded
+        killed, _ = kill_recorded(provider.processes())
+        assert set(killed) >= agents
+        deadline = time.time() + 30
+        while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in agents):
+            assert time.time() < deadline, "an agent outlived the takeover's kill"
+            time.sleep(0.2)
+    finally:
+        provider.down()
