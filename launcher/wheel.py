@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from launcher.errors import UserError, first_line
 from trainer.data.storage import GCS_SCHEME, open_store
+from trainer.cache import cache_dir
 from trainer.runfiles import write_atomic
 
 log = logging.getLogger(__name__)
@@ -257,8 +258,7 @@ def runtime_requirements(root: str | None = None) -> list[str]:
 
 def lock_cache_dir() -> str:
     """$TPU_LAUNCHER_CACHE/locks, else ~/.cache/tpu-launcher/locks."""
-    root = os.environ.get("TPU_LAUNCHER_CACHE") or os.path.join("~", ".cache", "tpu-launcher")
-    return os.path.join(os.path.expanduser(root), "locks")
+    return cache_dir("locks")
 
 
 def lock_key(requirements, python_version: str, platforms=LOCK_PLATFORMS) -> str:

@@ -19,6 +19,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Optional
 
+from trainer.cache import cache_dir as shared_cache_dir
 from trainer.runfiles import read_json, write_json
 
 MATMUL_N = 2048  # 2 x 2048^3 = 17 GFLOP per matmul: well above dispatch overhead, a fraction of a second
@@ -26,8 +27,7 @@ MIN_REPEATS, MIN_SECONDS = 3, 1.0
 
 
 def cache_dir() -> str:
-    root = os.environ.get("TPU_LAUNCHER_CACHE") or os.path.join("~", ".cache", "tpu-launcher")
-    return os.path.join(os.path.expanduser(root), "peak")
+    return shared_cache_dir("peak")
 
 
 def _cpu_model() -> str:

@@ -9,6 +9,8 @@ import sys
 import sysconfig
 import tempfile
 
+from trainer.cache import cache_dir
+
 from .prepare import DEFAULT_RECORD_LEN, DEFAULT_RECORDS_PER_SHARD, MANIFEST, prepare
 
 CORPUS_NAME = "corpus-stdlib-v1"
@@ -18,8 +20,7 @@ EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "
 
 def default_cache_dir() -> str:
     """$TPU_LAUNCHER_CACHE/corpus-stdlib-v1, else ~/.cache/tpu-launcher/corpus-stdlib-v1."""
-    root = os.environ.get("TPU_LAUNCHER_CACHE") or os.path.join("~", ".cache", "tpu-launcher")
-    return os.path.join(os.path.expanduser(root), CORPUS_NAME)
+    return cache_dir(CORPUS_NAME)
 
 
 def stdlib_documents(max_bytes: int = DEFAULT_MAX_BYTES) -> list[tuple[str, bytes]]:
