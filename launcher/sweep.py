@@ -94,6 +94,7 @@ def run(overrides: List[str]) -> int:
     runs = plan(overrides)
     n = len(runs)
     outcomes: List[Optional[Tuple[int, float]]] = [None] * n
+    interrupted = False
     try:
         for i, r in enumerate(runs):
             # the run.name override last, double-quoted: its name holds only [A-Za-z0-9._=,+-] and its own quotes
@@ -101,8 +102,13 @@ def run(overrides: List[str]) -> int:
             print(f"[launcher] sweep run {i + 1}/{n}: {r.name}: python -m launcher {shown}", flush=True)
             started = time.time()
             proc = subprocess.Popen([sys.executable, "-m", "launcher", *r.overrides])
-            outcomes[i] = (_wait(proc), started)
-    except KeyboardInterrupt:
+            code, interrupted = _wait(proc)
+            outcomes[i] = (code, started)
+            if interrupted:
+                break
+    except KeyboardInterrupt:  # between two runs
+        interrupted = True
+    if interrupted:
         print("[launcher] sweep interrupted: no further run starts", flush=True)
     print(f"[launcher] sweep of {n} runs:", flush=True)
     for i, r in enumerate(runs):
@@ -114,18 +120,15 @@ def run(overrides: List[str]) -> int:
     return runfiles.EXIT_OK if len(codes) == n else runfiles.EXIT_FAILED
 
 
-def _wait(proc: subprocess.Popen) -> int:
-    """The launch's exit code. A Ctrl-C reached it as well (same terminal): wait while it stops gracefully."""
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        while True:
-            try:
-                proc.wait()
-                break
-            except KeyboardInterrupt:  # pressed again: the launch handles it; we still wait for its end
-                continue
-        raise
+def _wait(proc: subprocess.Popen) -> Tuple[int, bool]:
+    """(the launch's exit code, whether Ctrl-C was pressed). A Ctrl-C reaches the launch as well (same terminal):
+    it stops with a checkpoint, and we wait for that, however often Ctrl-C is pressed."""
+    interrupted = False
+    while True:
+        try:
+            return proc.wait(), interrupted
+        except KeyboardInterrupt:
+            interrupted = True
 
 
 def _line(r: SweepRun, outcome: Optional[Tuple[int, float]]) -> str:
@@ -147,4 +150,7 @@ def _line(r: SweepRun, outcome: Optional[Tuple[int, float]]) -> str:
     status = str(summary.get("status"))
     if code != runfiles.EXIT_OK and status == "completed":
         status = f"failed (exit {code})"
-    return f"{status}: step {summary.get('final_step')}/{r.steps}, loss {loss_text}: {r.run_dir}"
+    step = summary.get("final_step")
+    if step is None:  # a stopped launch names the step its hosts saved
+        step = summary.get("stopped_at_step")
+    return f"{status}: step {'n/a' if step is None else step}/{r.steps}, loss {loss_text}: {r.run_dir}"
