@@ -68,7 +68,7 @@ def _run_as_job(cfg, argv) -> int:
     return code
 
 
-def _use_run_token(cfg) -> None:
+def use_run_token(cfg) -> None:
     """Ray token auth for this launch (launcher/auth.py), set up before Ray is imported: the run's own token for a
     cluster we create (kept in the run's record), the user's for one they named with `ray.address` (checked
     against that cluster first). A local pod, or a cluster on this machine's loopback, is reached on loopback."""
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
                 print(f"[launcher] dry run: nothing created; plan in {cfg.run.dir}/plan.json")
                 return 0
             planning.refuse_if_unfit(p)
-        _use_run_token(cfg)  # before Ray is imported: it reads the auth mode once
+        use_run_token(cfg)  # before Ray is imported: it reads the auth mode once
         from launcher.supervisor import launch
 
         if cfg.cluster.provider != "local" and cfg.launcher.submit and not cfg.launcher.in_job:

@@ -1,6 +1,6 @@
 """Reattach to a live local run: the same command typed while its supervisor runs follows it to the end.
 
-Prints host 0's progress from its log until the supervisor releases the run lock, then the outcome from
+Shows host 0's progress (the live bar on a terminal, else its lines from its log) until the supervisor releases the run lock, then the outcome from
 summary.json. Ctrl-C detaches this terminal; the run goes on. A supervisor that dies instead leaves no new
 summary: the command typed again then takes the run over and resumes it.
 """
@@ -10,7 +10,7 @@ import sys
 import time
 
 from trainer.runfiles import EXIT_FAILED, EXIT_OK
-from launcher.logtail import LogTail
+from launcher.progress import Progress
 from launcher.rundir import RunDir
 
 
@@ -18,15 +18,16 @@ def _say(msg: str) -> None:
     print(f"[launcher] {msg}", flush=True)
 
 
-def follow(run: RunDir, holder: str, poll_s: float = 0.5) -> int:
+def follow(run: RunDir, holder: str, total_steps: int, poll_s: float = 0.5) -> int:
+    """total_steps: this command's trainer.steps, for the progress bar (the live launch has the same run)."""
     try:
-        return _follow(run, holder, poll_s)
+        return _follow(run, holder, total_steps, poll_s)
     except KeyboardInterrupt:
         _say("detached; the run goes on. Type the same command again to follow it")
         return EXIT_OK
 
 
-def _follow(run: RunDir, holder: str, poll_s: float) -> int:
+def _follow(run: RunDir, holder: str, total_steps: int, poll_s: float) -> int:
     try:
         who = json.loads(holder)
         who = f"supervisor pid {who.get('pid')} on {who.get('host')}"
@@ -34,7 +35,7 @@ def _follow(run: RunDir, holder: str, poll_s: float) -> int:
         who = holder or "another launcher"
     _say(f"run {os.path.basename(run.path)} is live ({who}); following it (Ctrl-C detaches; the run goes on)")
     since = time.time()
-    tail = LogTail(run.host_log(0)).start()
+    tail = Progress(run.path, total_steps).start()
     try:
         while run.is_locked():
             time.sleep(poll_s)

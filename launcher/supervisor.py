@@ -149,7 +149,7 @@ def launch(cfg: DictConfig, plan: Plan, started_at: float) -> int:
     try:
         run.acquire()
     except RunLive as live:
-        return follow(run, live.holder)
+        return follow(run, live.holder, int(cfg.trainer.steps))
     if run.taken_over:
         _take_over(run)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)

@@ -141,9 +141,9 @@ def _outcome(name: str, summary: dict) -> int:
 
 # A cloud run supervised by a Ray job on its head ------------------------------------------------------------
 def _stop_job(cfg, run_dir: str, no_wait: bool) -> int:
-    from launcher.__main__ import _use_run_token
+    from launcher.__main__ import use_run_token
 
-    _use_run_token(cfg)  # before Ray is imported: the token the launch reaches the head's job server with
+    use_run_token(cfg)  # before Ray is imported: the token the launch reaches the head's job server with
     from launcher import job
 
     head = None
