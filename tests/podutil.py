@@ -19,6 +19,15 @@ def launch(*overrides, env=None, timeout=300, cwd=None):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def tpu_launch(*args, cwd=None, timeout=300):
+    """`tpu-launch ARGS` (the real console entry, launcher/cli.py) as another terminal or a script runs it: no
+    terminal on stdin; returns the CompletedProcess (text output)."""
+    env = {**os.environ, "PYTHONPATH": ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH")
+                                              else "")}
+    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=cwd or ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)

@@ -4,7 +4,6 @@ import fcntl
 import json
 import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -14,19 +13,12 @@ from cluster.head_vm import HeadVm, make_compute_client
 from cluster.secrets import RunSecret
 from compute_api_server import ComputeApiServer
 from launcher.config import compose_config, to_yaml
-from podutil import ROOT, explain
+from podutil import explain, tpu_launch as cli
 from secret_manager_server import SecretManagerServer
 from tpu_api_server import TpuApiServer
 from trainer.heartbeat import process_start_time
 
 PROJECT, ZONE, RUN_SA = "test-project", "us-central2-b", "run-sa@test-project.iam.gserviceaccount.com"
-
-
-def cli(*args, timeout=120) -> subprocess.CompletedProcess:
-    """`tpu-launch ARGS` with no terminal on stdin (as in CI or a script)."""
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def write_config(run_dir: str, *overrides) -> None:

@@ -8,15 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from podutil import ROOT, TINY, explain, launch, read_json
+from podutil import ROOT, TINY, explain, launch, read_json, tpu_launch
 
 STEPS, BATCH, HOSTS, SEED = 12, 8, 2, 0
-
-
-def tpu_launch(*args, cwd=None):
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=cwd or ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
 
 
 def _train_records(manifest: dict, host: int, steps) -> set:

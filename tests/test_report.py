@@ -3,15 +3,13 @@ a hand-written run directory with a crash and a dead supervisor, the report.png 
 `trained_run`), drawn again by the command, and a report that cannot be written costing one warning line."""
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from matplotlib import image
 
 from launcher import report
-from podutil import ROOT
+from podutil import tpu_launch as _cli
 from trainer import runfiles
 
 T0 = 1_800_000_000.0
@@ -25,12 +23,6 @@ def _pixels_near(png: str, color: str, region=None, tol: int = 30) -> int:
     rgb = {"loss": rgb[: h // 2, : w // 2], "throughput": rgb[: h // 2, w // 2:], None: rgb}[region]
     want = np.array([int(color[i:i + 2], 16) for i in (1, 3, 5)])
     return int((np.abs(rgb - want).sum(axis=-1) <= tol).sum())
-
-
-def _cli(*args):
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
 
 
 def _step(step, t, loss, **extra):

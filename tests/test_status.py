@@ -12,14 +12,8 @@ import pytest
 
 from chaos import Chaos
 from cluster.hygiene import kill_recorded
-from podutil import ROOT, TINY, explain, read_json
+from podutil import ROOT, TINY, explain, read_json, tpu_launch
 from trainer import runfiles
-
-
-def tpu_launch(*args, timeout=120):
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def status(*args) -> list:

@@ -5,24 +5,15 @@
 import fcntl
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 
 from chaos import Chaos
-from podutil import ROOT, TINY, explain, launch, read_json
+from podutil import TINY, explain, launch, read_json, tpu_launch as cli
 
 RUN = [*TINY, "trainer.steps=40", "optimizer.decay_steps=40", "optimizer.warmup_steps=4", "checkpoint.every=10",
        "trainer.eval_every=20", "watchdog.heartbeat_s=0.1"]
-
-
-def cli(*args, timeout=300) -> subprocess.CompletedProcess:
-    """`tpu-launch ARGS` as another terminal would run it."""
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 @pytest.mark.integration
