@@ -1,4 +1,5 @@
 """User-facing errors: one line naming the config key and the fix, exit code 2."""
+from trainer.errors import first_line  # noqa: F401 - the one helper; the launcher's modules take it from here
 
 
 class UserError(Exception):
@@ -11,9 +12,4 @@ class UserError(Exception):
             msg += f" ({fix})"
         super().__init__(msg)
 
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type's name if it has none): what a one-line error shows."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 

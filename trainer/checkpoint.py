@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import orbax.checkpoint as ocp
 
 from trainer.data.storage import is_transient_failure
+from trainer.errors import first_line
 
 log = logging.getLogger("trainer.checkpoint")
 
@@ -87,7 +88,7 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to an older one
                 if is_transient_failure(e):  # storage kept failing past its retries: the checkpoint may be fine
                     raise
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                first = first_line(e)
                 log.warning("checkpoint step %d in %s could not be read (%s: %s); trying an older one",
                             step, self.directory, type(e).__name__, first)
                 self._event("restore_failed", step=step, error=f"{type(e).__name__}: {first}")

@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 
+from trainer.errors import first_line
 from trainer.runfiles import (EXIT_FAILED, EXIT_OK, EXIT_RESTARTABLE, EXIT_USER_ERROR, REASON_DONE, REASON_EXCEPTION,
                               REASON_INIT_FAILED, REASON_PREEMPTION, REASON_STORAGE, REASON_USER_ERROR)
 
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
         init_s = distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                         int(cfg.trainer.init_timeout_s))
     except Exception as e:  # noqa: BLE001 - a timeout or an unreachable coordinator: restart the slice
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        first = first_line(e)
         logging.getLogger("trainer").error("could not join jax.distributed at %s: %s", args.coordinator, first)
         events("error", kind="init", message=first)
         heartbeat.finish(EXIT_RESTARTABLE, REASON_INIT_FAILED)
@@ -137,8 +138,7 @@ def _leave_together() -> None:
     try:
         jax.distributed.shutdown()
     except Exception as e:  # noqa: BLE001 - best effort; this host's exit and checkpoint are already recorded
-        first = (str(e).splitlines() or [repr(e)])[0]
-        logging.getLogger("trainer").warning("jax.distributed.shutdown failed: %s", first)
+        logging.getLogger("trainer").warning("jax.distributed.shutdown failed: %s", first_line(e))
 
 
 if __name__ == "__main__":
