@@ -13,6 +13,8 @@ import importlib
 import sys
 from typing import List, Optional
 
+from trainer.runfiles import EXIT_USER_ERROR
+
 COMMANDS = ("status", "logs", "stop", "down", "report")
 
 
@@ -32,6 +34,11 @@ def _parser(command: str) -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith(("-", "~")) and "=" not in argv[0]:
+        # Every override has a '=' (or is a ~deletion): a bare word is a mistyped command.
+        print(f"error: COMMAND: unknown command '{argv[0]}' (one of: {', '.join(COMMANDS)}; a launch takes "
+              "key=value overrides)", file=sys.stderr)
+        return EXIT_USER_ERROR
     if not argv or argv[0] not in COMMANDS:
         if argv and argv[0] in ("-h", "--help"):
             print(__doc__)
@@ -39,7 +46,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return launch(argv)
     from launcher.errors import UserError
-    from trainer.runfiles import EXIT_USER_ERROR
 
     args = _parser(argv[0]).parse_args(argv)
     try:
