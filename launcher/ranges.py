@@ -178,6 +178,8 @@ RANGES: Dict[str, Range] = {
     "checkpoint.async_save": BOOL,
     "checkpoint.resume": BOOL,
     "checkpoint.ocdbt": BOOL,
+    # that it names a checkpoint with this model's shapes: validate.check_init_from
+    "checkpoint.init_from": null_or(non_empty("runs/NAME")),
 
     "mesh.dcn": AXIS,
     "mesh.data": AXIS,

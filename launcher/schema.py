@@ -68,6 +68,9 @@ class CheckpointConfig:
     async_save: bool = True
     resume: bool = True
     ocdbt: bool = True  # orbax OCDBT format (false: one tensorstore per array; needed by the GCS emulator)
+    # warm start: a run dir, checkpoints dir or step dir (local or gs://) whose parameters a run with no
+    # checkpoint of its own starts from (fresh optimizer, step 0); null: random init
+    init_from: Optional[str] = None
 
 
 @dataclass

@@ -2,14 +2,19 @@
 
 The allowed values of every key are in launcher/ranges.py (check_ranges, right after check_run). Also resolves
 what the rest of the launch needs: the absolute run dir, the data location (preparing the embedded corpus on
-first use), the mesh sizes and the slice to run on.
+first use), the checkpoint step a warm start (checkpoint.init_from) begins from, the mesh sizes and the slice to
+run on.
 """
+import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+import trainer
 from cluster import catalog
 from cluster.cloud import cloud_slice_name
 from cluster.slice import SliceSpec, catalog_slice, local_slice, slice_name_for
@@ -19,6 +24,7 @@ from trainer.data import DataError, ensure_default_corpus, read_manifest
 from trainer.mesh_shape import resolve_mesh_shape
 
 _ABSENT = object()
+INIT_FROM_TIMEOUT_S = 300  # reading a checkpoint's metadata: seconds locally, longer from gs:// on a slow link
 
 
 @dataclass
@@ -219,6 +225,45 @@ def check_checkpoint_dir(cfg: DictConfig) -> None:
                             "fix its permissions or choose another checkpoint.dir")
 
 
+def check_init_from(cfg: DictConfig) -> None:
+    """checkpoint.init_from names a finished checkpoint whose parameters have this model's shapes (trainer/warmstart.py,
+    run as a subprocess: orbax reads array metadata through JAX, which the launcher does not import); the path is
+    then pinned to that step's directory, so every host and attempt warm-starts from the same step. A run with
+    checkpoints of its own resumes from them and ignores init_from (the trainer says so), so nothing is checked."""
+    path = cfg.checkpoint.init_from
+    if path is None:
+        return
+    if not path.startswith("gs://"):
+        path = os.path.abspath(os.path.expanduser(path))
+        if cfg.cluster.provider != "local":
+            raise UserError("checkpoint.init_from", f"{path} is on this machine, which the TPU VMs cannot read",
+                            "copy the checkpoint to a bucket and pass its gs:// path")
+    argv = [sys.executable, "-m", "trainer.warmstart", "--init-from", path, "--seq-len", str(cfg.model.seq_len),
+            "--model", json.dumps(OmegaConf.to_container(cfg.model, resolve=True))]
+    if cfg.checkpoint.resume:
+        argv += ["--own-checkpoints", str(cfg.checkpoint.dir)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(trainer.__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
+                              timeout=INIT_FROM_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise UserError("checkpoint.init_from", f"reading the checkpoint at {path} took over {INIT_FROM_TIMEOUT_S}s",
+                        "check that its storage is reachable from here") from None
+    try:
+        found = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):  # it crashed before its answer: its last error line says why
+        last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        raise UserError("checkpoint.init_from", f"could not read the checkpoint at {path}: {last[:300]}",
+                        "check the path and its permissions (and credentials for gs://)") from None
+    if "problem" in found:
+        raise UserError("checkpoint.init_from", found["problem"], found["fix"])
+    if "path" in found:
+        with open_dict(cfg):
+            cfg.checkpoint.init_from = found["path"]
+
+
 def validate(cfg: DictConfig) -> Plan:
     """Checks in the order a user would fix them; mutates cfg only to make paths absolute/resolved."""
     check_run(cfg)
@@ -238,6 +283,7 @@ def validate(cfg: DictConfig) -> Plan:
     check_model(cfg, mesh)
     check_trainer(cfg, mesh)
     check_checkpoint_dir(cfg)
+    check_init_from(cfg)
     manifest = check_data(cfg)
     if cfg.cluster.provider == "gcp":
         check_gcp(cfg)  # last: project, head, bucket and credentials are the environment, not the job

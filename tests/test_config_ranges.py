@@ -71,6 +71,7 @@ CASES = {
     "checkpoint.async_save": BOOL,
     "checkpoint.resume": BOOL,
     "checkpoint.ocdbt": BOOL,
+    "checkpoint.init_from": ("{t}/missing", "does not exist (point it at a run directory"),
 
     "mesh.dcn": ("0", AXIS),
     "mesh.data": ("0", AXIS),
