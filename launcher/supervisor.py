@@ -228,6 +228,7 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
         "wall_s": round(time.time() - started_at, 3), "launches": sum(1 for r in goodput.read(run.file(GOODPUT)) if r.get("kind") == "launch"),
         "error": error, "exit_code": code, "stopped_at_step": saved,
         "mfu": launch_mfu(runfiles.read_jsonl(run.file(runfiles.METRICS)), started_at), "peak_flops": peak_flops,
+        "init_from": _warm_start(run),
     }
     run.write_json(SUMMARY, summary)
     try:
@@ -246,6 +247,13 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
         print(f"error: {error}", file=sys.stderr, flush=True)
         _print_tail(run, sup.codes, sup.blame)
     return code
+
+
+def _warm_start(run: RunDir) -> Optional[dict]:
+    """The checkpoint the run's parameters started from (checkpoint.init_from, its latest warm start: host 0's
+    init_from event), kept by every later launch that resumes it; None for a run that started from random init."""
+    starts = [e for e in runfiles.read_jsonl(run.file(runfiles.EVENTS)) if e.get("event") == "init_from"]
+    return {k: starts[-1].get(k) for k in ("path", "checkpoint_dir", "step")} if starts else None
 
 
 def _next_attempt(run: RunDir) -> int:

@@ -22,6 +22,7 @@ from trainer.sharding import batch_sharding, local_rows, make_mesh
 from trainer.state import abstract_state, count_params, create_state, state_shardings
 from trainer.step import make_eval_step, make_train_step
 from trainer.tensorboard import EventWriter
+from trainer.warmstart import check_shapes, locate
 
 log = logging.getLogger("trainer.loop")
 progress = logging.getLogger("trainer.progress")
@@ -87,6 +88,26 @@ class Loop:
         self.goodput("eval", seconds=result["eval_s"], split=split)
         return result
 
+    # -- warm start ---------------------------------------------------------------------------------------
+    def _warm_start(self, path: str, shardings):
+        """The parameters of checkpoint.init_from (the launcher pinned it to one step directory) on this run's mesh,
+        in place of the fresh ones; the optimizer state, step, RNG and data position stay fresh. Located and
+        shape-checked again here: a path typed straight into a config must fail in one line too (exit 2)."""
+        self.beat(phase=PHASE_RESTORE)
+        t0 = time.time()
+        checkpoint_dir, step = locate(path)
+        check_shapes(checkpoint_dir, step, self.spec, self.seq_len)
+        from trainer.restore import restore_params
+
+        params, step = restore_params(checkpoint_dir, step, self.mesh, self.spec)
+        params = _on_shardings(params, shardings)
+        seconds = round(time.time() - t0, 4)
+        self.goodput("restore", step=None, seconds=seconds, init_from=f"{checkpoint_dir}/{step}")
+        if self.is_host0:
+            progress.info("warm start: parameters of %s step %d; fresh optimizer state, step 0", checkpoint_dir, step)
+            self.events("init_from", path=path, checkpoint_dir=checkpoint_dir, step=step, seconds=seconds)
+        return params
+
     # -- main ---------------------------------------------------------------------------------------------
     def run(self) -> dict:
         try:
@@ -115,9 +136,15 @@ class Loop:
             start_step, state, data_state = restored
             stream.restore(data_state)
             progress.info("resumed from checkpoint step %d", start_step)
+            if cfg.checkpoint.init_from and self.is_host0:
+                progress.info("checkpoint.init_from=%s ignored: this run resumes from its own checkpoint step %d",
+                              cfg.checkpoint.init_from, start_step)
+                ev("init_from_ignored", path=cfg.checkpoint.init_from, resumed_from_step=start_step)
         else:
             start_step = 0
             state, _ = create_state(self.model, self.tx, self.mesh, self.seq_len, int(cfg.trainer.seed))
+            if cfg.checkpoint.init_from:
+                state["params"] = self._warm_start(cfg.checkpoint.init_from, shardings["params"])
         if self.is_host0:  # a fresh file per attempt; what earlier ones logged past start_step is purged
             self.tb = EventWriter(self.run_dir, f"host{self.host}", purge_from=start_step + 1)
         n_params = count_params(state["params"])
@@ -226,6 +253,15 @@ class Loop:
                 "params_digest": digest, "params": n_params,
                 "resumed_from_step": restored[0] if restored is not None else None,
                 "checkpoints": ckpt.steps()}
+
+
+def _on_shardings(params, shardings):
+    """params with exactly the shardings the fresh ones had, which the train step is compiled for (as restored
+    when the restore already placed them so; else resharded inside jit, which works across hosts)."""
+    leaves, wanted = jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(shardings)
+    if all(x.sharding == s for x, s in zip(leaves, wanted)):
+        return params
+    return jax.jit(lambda tree: tree, out_shardings=shardings)(params)
 
 
 def write_result(run_dir: str, result: dict) -> None:

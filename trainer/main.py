@@ -1,9 +1,9 @@
 """Per-host trainer entry: `python -m trainer.main --config RUN_DIR/config.yaml --process-id I ...`.
 
 Started by the launcher's host actor, one per host. Exit codes: 0 done, 2 user error (bad data or
-checkpoint: fix and relaunch), 42 restartable (a preemption notice was honoured with a checkpoint at the step
-all hosts agreed on, jax.distributed could not be joined, or storage stayed down past every retry), 1 any
-other failure. SIGUSR1 dumps every
+checkpoint, or a checkpoint.init_from that does not fit the model: fix and relaunch), 42 restartable (a
+preemption notice was honoured with a checkpoint at the step all hosts agreed on, jax.distributed could not
+be joined, or storage stayed down past every retry), 1 any other failure. SIGUSR1 dumps every
 thread's stack into the host's log (the supervisor's watchdog sends it to a host that stopped making progress).
 """
 import argparse
@@ -88,11 +88,12 @@ def main(argv=None) -> int:
     from trainer.checkpoint import CheckpointError
     from trainer.data import DataError
     from trainer.loop import Loop, write_result
+    from trainer.warmstart import WarmStartError
 
     try:
         result = Loop(cfg, events, start, heartbeat, goodput, distributed.preemption_check(),
                       args.peak_flops).run()
-    except (CheckpointError, DataError) as e:
+    except (CheckpointError, DataError, WarmStartError) as e:
         logging.getLogger("trainer").error("%s", e)
         events("error", kind="user", message=str(e))
         heartbeat.finish(EXIT_USER_ERROR, REASON_USER_ERROR)
