@@ -197,6 +197,10 @@ def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
         saved = sup.stop(graceful=True)
         if saved is not None:
             error += f"; the hosts saved a checkpoint at step {saved}: type the same command to resume from it"
+        elif sup.group is not None:
+            error += (f"; the hosts did not all checkpoint at one step within supervisor.stop_grace_s="
+                      f"{cfg.supervisor.stop_grace_s}s ({sup.hosts_at_stop()}): the same command resumes from the "
+                      "newest checkpoint")
     finally:
         sup.close()
         try:
@@ -424,6 +428,16 @@ class Supervisor:
                          for b in beats):
             return beats[0].get("step")
         return None
+
+    def hosts_at_stop(self) -> str:
+        """Where each host was when a graceful stop did not give one checkpoint: its phase, step and exit."""
+        parts = []
+        for i in range(len(self.group.infos)):
+            b = self._heartbeat(i) or {}
+            ex = b.get("exit") or {}
+            parts.append(f"host {i}: attempt {b.get('attempt')} {b.get('phase')} step {b.get('step')}"
+                         + (f" exit {ex.get('code')} {ex.get('reason')}" if ex else ""))
+        return "; ".join(parts)
 
     def close(self) -> None:
         if self.sync is not None:
