@@ -1,6 +1,8 @@
 """Decoder-only transformer LM in Flax linen: causal, pre-norm (RMSNorm), rotary or learned positions.
 
 Every parameter carries logical axis names (see trainer/sharding.py for how they map onto the mesh).
+Called with a KV cache (trainer/generate.py) it decodes: the cache arrays go in and come back updated, so the
+param tree and the training forward pass (no cache) are exactly what they were.
 """
 from dataclasses import dataclass
 
@@ -63,7 +65,7 @@ class Attention(nn.Module):
     spec: ModelSpec
 
     @nn.compact
-    def __call__(self, x, positions):
+    def __call__(self, x, positions, cache=None):
         s, dt = self.spec, DTYPES[self.spec.dtype]
         proj = lambda name: nn.DenseGeneral(  # noqa: E731
             (s.n_heads, s.head_dim), use_bias=False, dtype=dt, name=name,
@@ -71,15 +73,32 @@ class Attention(nn.Module):
         q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
         if s.positions == "rotary":
             q, k = rotary(q, positions), rotary(k, positions)
+        if cache is None:
+            length = x.shape[1]
+            mask = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
+        else:
+            k, v, mask, cache = _cached_kv(cache, k, v)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * (s.head_dim ** -0.5)
-        length = x.shape[1]
-        causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-        logits = jnp.where(causal[None, None], logits, jnp.finfo(jnp.float32).min)
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(dt)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-        return nn.DenseGeneral(s.d_model, axis=(-2, -1), use_bias=False, dtype=dt, name="out",
-                               kernel_init=_init((s.n_heads * s.head_dim) ** -0.5 / (2 * s.n_layers) ** 0.5,
-                                                 ("heads", "kv", "embed")))(out)
+        out = nn.DenseGeneral(s.d_model, axis=(-2, -1), use_bias=False, dtype=dt, name="out",
+                              kernel_init=_init((s.n_heads * s.head_dim) ** -0.5 / (2 * s.n_layers) ** 0.5,
+                                                ("heads", "kv", "embed")))(out)
+        return out if cache is None else (out, cache)
+
+
+def _cached_kv(cache, k, v):
+    """Writes this call's keys and values into the cache at slots [index, index + length) and returns all slots'
+    keys and values, the mask of those each query sees and the updated cache. A row's real tokens start at slot
+    `start` (left padding before it is never attended to); a query at slot i sees slots start..i."""
+    index, start = cache["index"], cache["start"]
+    ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=1)
+    cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=1)
+    query_slot = index + jnp.arange(k.shape[1])  # [q]
+    key_slot = jnp.arange(ck.shape[1])  # [k]
+    mask = (key_slot[None, None, :] <= query_slot[None, :, None]) & (key_slot[None, None, :] >= start[:, None, None])
+    return ck, cv, mask[:, None], {**cache, "k": ck, "v": cv}
 
 
 class MLP(nn.Module):
@@ -99,29 +118,55 @@ class Block(nn.Module):
     spec: ModelSpec
 
     @nn.compact
-    def __call__(self, x, positions):
-        x = x + Attention(self.spec, name="attn")(RMSNorm(name="ln_attn")(x), positions)
-        return x + MLP(self.spec, name="mlp")(RMSNorm(name="ln_mlp")(x))
+    def __call__(self, x, positions, cache=None):
+        h = Attention(self.spec, name="attn")(RMSNorm(name="ln_attn")(x), positions, cache)
+        h, cache = (h, None) if cache is None else h
+        x = x + h
+        x = x + MLP(self.spec, name="mlp")(RMSNorm(name="ln_mlp")(x))
+        return x if cache is None else (x, cache)
 
 
 class TransformerLM(nn.Module):
-    """tokens [batch, length] int32 -> logits [batch, length, vocab] float32."""
+    """tokens [batch, length] int32 -> logits [batch, length, vocab] float32.
+
+    Decoding: with `cache` (init_cache's layout, `index` the slot of tokens[:, 0]) and per-row `positions`, it
+    returns (logits, updated cache)."""
 
     spec: ModelSpec
 
     @nn.compact
-    def __call__(self, tokens):
+    def __call__(self, tokens, positions=None, cache=None):
         s, dt = self.spec, DTYPES[self.spec.dtype]
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1])[None, :], tokens.shape)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1])[None, :], tokens.shape)
         embed = nn.Embed(s.vocab_size, s.d_model, dtype=dt, name="embed",
                          embedding_init=_init(1.0, ("vocab", "embed")))
         x = embed(tokens)
         if s.positions == "learned":
             x = x + nn.Embed(s.max_seq_len, s.d_model, dtype=dt, name="pos_embed",
                              embedding_init=_init(0.02, (None, "embed")))(positions)
+        layers = []
         for i in range(s.n_layers):
-            x = Block(s, name=f"block_{i}")(x, positions)
+            block = Block(s, name=f"block_{i}")
+            if cache is None:
+                x = block(x, positions)
+            else:
+                x, layer = block(x, positions, {**cache["layers"][i], "index": cache["index"],
+                                                "start": cache["start"]})
+                layers.append({"k": layer["k"], "v": layer["v"]})
         x = RMSNorm(name="ln_final")(x)
         logits = nn.Dense(s.vocab_size, use_bias=False, dtype=dt, name="lm_head",
                           kernel_init=_init(s.d_model ** -0.5, ("embed", "vocab")))(x)
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        if cache is None:
+            return logits
+        return logits, {"index": cache["index"] + tokens.shape[1], "start": cache["start"], "layers": layers}
+
+
+def init_cache(spec: ModelSpec, batch: int, slots: int, start) -> dict:
+    """An empty KV cache of `slots` slots per row; start[b] is the slot of row b's first real token (left padding
+    fills the slots before it). `index` is the next slot to write."""
+    shape = (batch, slots, spec.n_heads, spec.head_dim)
+    dt = DTYPES[spec.dtype]
+    return {"index": jnp.zeros((), jnp.int32), "start": jnp.asarray(start, jnp.int32),
+            "layers": [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(spec.n_layers)]}
