@@ -5,6 +5,7 @@
   tpu-launch stop RUN            checkpoint at one agreed step on every host and stop (as Ctrl-C in its terminal)
   tpu-launch down RUN            delete what the run left in the cloud (checkpoints and data stay)
   tpu-launch report RUN          write the run's report.png again and print its summary
+  tpu-launch generate RUN        continue prompts with the run's trained model (--prompt TEXT; KV-cache decoding)
 
 RUN is a run directory or a run name under --root (default: runs). `tpu-launch COMMAND --help` for its options.
 """
@@ -15,7 +16,7 @@ from typing import List, Optional
 
 from trainer.runfiles import EXIT_USER_ERROR
 
-COMMANDS = ("status", "logs", "stop", "down", "report")
+COMMANDS = ("status", "logs", "stop", "down", "report", "generate")
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
