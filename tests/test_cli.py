@@ -1,4 +1,5 @@
 """`tpu-launch`: the commands' dispatcher (launcher/cli.py)."""
+from launcher.cli import COMMANDS
 from podutil import tpu_launch
 
 
@@ -14,8 +15,9 @@ def test_a_mistyped_command_is_one_line_exit_2():
     proc = tpu_launch("statsu", timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: COMMAND: unknown command 'statsu' (one of: status, logs, stop, down, report; a launch takes "
+        f"error: COMMAND: unknown command 'statsu' (one of: {', '.join(COMMANDS)}; a launch takes "
         "key=value overrides)"]
+    assert COMMANDS[:5] == ("status", "logs", "stop", "down", "report")
 
 
 def test_each_command_has_its_help():
