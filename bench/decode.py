@@ -63,9 +63,10 @@ def _prompts(batch: int, length: int):
 
 
 def _cached(spec, params, mesh, prompts, new_tokens: int):
+    from trainer.data.tokenizer import VOCAB_SIZE
     from trainer.generate import Generator, Sampling
 
-    gen = Generator(spec, params, mesh, Sampling(greedy=True))
+    gen = Generator(spec, params, mesh, Sampling(greedy=True), token_ids=VOCAB_SIZE)
     gen.generate(prompts, new_tokens)  # compiles
     t0 = time.perf_counter()
     results, timings = gen.generate(prompts, new_tokens)
@@ -79,7 +80,7 @@ def _recompute(spec, params, prompts, new_tokens: int):
     import jax.numpy as jnp
     import numpy as np
 
-    from trainer.data.tokenizer import EOS_ID
+    from trainer.data.tokenizer import EOS_ID, VOCAB_SIZE
     from trainer.model import TransformerLM
 
     model = TransformerLM(spec)
@@ -89,6 +90,7 @@ def _recompute(spec, params, prompts, new_tokens: int):
     def next_token(params, buf, lengths):
         logits = model.apply({"params": params}, buf)
         last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        last = jnp.where(jnp.arange(last.shape[-1]) < VOCAB_SIZE, last, -jnp.inf)  # as the Generator's token_ids
         token = jnp.argmax(last, axis=-1).astype(jnp.int32)
         rows = jnp.arange(buf.shape[0])
         return token, buf.at[rows, lengths].set(token), lengths + 1

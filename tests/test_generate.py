@@ -96,6 +96,14 @@ def test_top_k_and_top_p_cut_the_draw():
     assert draws(greedy=True) == {0} and draws(temperature=0.0) == {0}
 
 
+def test_ids_past_the_tokenizer_vocabulary_are_never_drawn():
+    spec = _spec("rotary")
+    gen = Generator(spec, _params(spec), generate_mesh(spec), Sampling(temperature=5.0), token_ids=100)
+    results, _ = gen.generate(PROMPTS, 16)
+    drawn = [t for r in results for t in r.tokens]
+    assert len(drawn) == 16 * len(PROMPTS) and max(drawn) < 100 and len(set(drawn)) > 20
+
+
 _SAMPLE_SCRIPT = """
 import json, sys, flax.linen as nn, jax, jax.numpy as jnp
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})

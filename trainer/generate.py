@@ -73,10 +73,13 @@ def sample(logits: jax.Array, step, sampling: Sampling) -> jax.Array:
 
 
 class Generator:
-    """Decodes batches of token prompts with `params` (already on `mesh`, e.g. restore_params's) and one Sampling."""
+    """Decodes batches of token prompts with `params` (already on `mesh`, e.g. restore_params's) and one Sampling.
+    Only ids below `token_ids` (the tokenizer's vocabulary; default: the model's) are ever drawn: a model's
+    vocab_size may be padded past its tokenizer's, and those ids mean nothing."""
 
-    def __init__(self, spec: ModelSpec, params, mesh, sampling: Sampling):
+    def __init__(self, spec: ModelSpec, params, mesh, sampling: Sampling, token_ids: Optional[int] = None):
         self.spec, self.params, self.mesh, self.sampling = spec, params, mesh, sampling
+        self.token_ids = spec.vocab_size if token_ids is None else token_ids
         self.model = TransformerLM(spec)
         self.rep = replicated(mesh)
         self.prefill = jax.jit(self._prefill)
@@ -85,7 +88,10 @@ class Generator:
     def _logits(self, params, tokens, positions, cache):
         logits, cache = self.model.apply({"params": params}, tokens, positions, cache)
         # Sampled from replicated logits: the draw cannot depend on how many devices hold the vocab.
-        return jax.lax.with_sharding_constraint(logits[:, -1], self.rep), cache
+        logits = jax.lax.with_sharding_constraint(logits[:, -1], self.rep)
+        if self.token_ids < logits.shape[-1]:
+            logits = jnp.where(jnp.arange(logits.shape[-1]) < self.token_ids, logits, -jnp.inf)
+        return logits, cache
 
     def _prefill(self, params, tokens, positions, cache):
         logits, cache = self._logits(params, tokens, positions, cache)

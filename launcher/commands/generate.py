@@ -96,7 +96,8 @@ def run(args) -> int:
                         if args.step is not None else "train the run until it saves a checkpoint") from None
     sampling = Sampling(greedy=args.greedy or args.temperature == 0, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    results, timings = Generator(spec, params, mesh, sampling).generate(ids, args.max_new_tokens)
+    generator = Generator(spec, params, mesh, sampling, token_ids=tokenizer.vocab_size)
+    results, timings = generator.generate(ids, args.max_new_tokens)
     _print(prompts, results, timings, step, tokenizer, args.json)
     return 0
 
