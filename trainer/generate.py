@@ -99,7 +99,7 @@ class Generator:
 
     def _step(self, params, token, cache, positions, step):
         logits, cache = self._logits(params, token[:, None], positions[:, None], cache)
-        return sample(logits, step, self.sampling), cache
+        return sample(logits, step, self.sampling), cache, positions + 1
 
     def generate(self, prompts: List[np.ndarray], max_new_tokens: int):
         """(one Result per prompt, timings). A row stops at EOS, after max_new_tokens, or when it fills
@@ -128,8 +128,7 @@ class Generator:
         for t in range(1, steps):
             if done.all():
                 break
-            token, cache = self.step(self.params, token, cache, pos, jnp.int32(t))
-            pos = pos + 1
+            token, cache, pos = self.step(self.params, token, cache, pos, jnp.int32(t))
             out.append(np.asarray(token))  # one small copy per step: lets every row's EOS end the loop early
             done |= (out[-1] == EOS_ID) | (t + 1 >= limits)
             t_steady = t_steady or time.perf_counter()
