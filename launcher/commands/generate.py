@@ -12,7 +12,6 @@ the decode tokens/s; --json prints one JSON object a prompt instead (text, token
 """
 import argparse
 import json
-import sys
 from typing import List
 
 from launcher.commands.common import add_root, resolve_run
