@@ -79,7 +79,10 @@ def run(args) -> int:
     from trainer.generate import Generator, Sampling, generate_mesh
     from trainer.restore import load_run, restore_params
 
-    cfg, spec = load_run(run_dir)
+    try:
+        cfg, spec = load_run(run_dir)
+    except CheckpointError as e:  # a run directory without its config.yaml (a launch that never got that far)
+        raise UserError("RUN", str(e), "pass the directory of a run that trained") from None
     tokenizer = ByteTokenizer()  # the one tokenizer data preparation writes (its manifest names it "bytes")
     ids = [tokenizer.encode(text).astype(np.int32) for _, text in prompts]
     for (where, _), tokens in zip(prompts, ids):
