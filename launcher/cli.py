@@ -6,6 +6,7 @@
   tpu-launch down RUN            delete what the run left in the cloud (checkpoints and data stay)
   tpu-launch report RUN          write the run's report.png again and print its summary
   tpu-launch generate RUN        continue prompts with the run's trained model (--prompt TEXT; KV-cache decoding)
+  tpu-launch eval RUN            loss, perplexity, token and top-5 accuracy of a checkpoint on a split (--split, --data)
 
 RUN is a run directory or a run name under --root (default: runs). `tpu-launch COMMAND --help` for its options.
 """
@@ -16,7 +17,7 @@ from typing import List, Optional
 
 from trainer.runfiles import EXIT_USER_ERROR
 
-COMMANDS = ("status", "logs", "stop", "down", "report", "generate")
+COMMANDS = ("status", "logs", "stop", "down", "report", "generate", "eval")
 
 
 def _parser(command: str) -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ Layout of `${run.dir}`:
     plan.json                the dry run's plan
     tb/                      TensorBoard event files (host 0)
     report.png               the run's report
+    eval/<step>-<split>.json `tpu-launch eval`'s result for one checkpoint step and split
     auth/                    the run's Ray token and SSH keys (0700)
 """
 import json
@@ -41,6 +42,7 @@ PLAN = "plan.json"
 TB = "tb"
 REPORT = "report.png"
 AUTH = "auth"
+EVAL = "eval"
 
 # Exit codes of the trainer and of the launcher's command.
 EXIT_OK = 0
