@@ -81,8 +81,13 @@ FETCH_TOKEN = r"""fetch_ray_token() {
   export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$out"
   unset RAY_AUTH_TOKEN
 }
-# This VM's internal address (empty if the metadata server does not say): Ray's ports listen there only.
+# This VM's internal address: Ray's ports listen there only. Without it Ray would listen on its default
+# address, so a metadata server that does not say is refused before any `ray start`.
 INTERNAL_IP="$(curl -sf -H "Metadata-Flavor: Google" "$MD/network-interfaces/0/ip" || true)"
+if [ -z "$INTERNAL_IP" ]; then
+  echo "[$LOG_TAG] refusing to start Ray: no internal IP from the metadata server ($MD/network-interfaces/0/ip)"
+  exit 1
+fi
 """ % {
     "secret": TOKEN_SECRET_ATTR, "project": PROJECT_ATTR, "endpoint": SECRET_ENDPOINT_ATTR}
 
@@ -149,7 +154,7 @@ done
 #    run's own), its ports on this VM's internal address.
 {fetch_token}
 fetch_ray_token python3 "$WORKDIR/ray_token"
-ray start --address="$HEAD_ADDRESS:$RAY_PORT" ${{INTERNAL_IP:+--node-ip-address="$INTERNAL_IP"}} \
+ray start --address="$HEAD_ADDRESS:$RAY_PORT" --node-ip-address="$INTERNAL_IP" \
   --resources={resources} --labels={labels}
 echo "[bootstrap] $(date -u +%FT%TZ) joined $HEAD_ADDRESS:$RAY_PORT"
 """

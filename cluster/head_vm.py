@@ -101,10 +101,10 @@ ray stop --force || true
 # on loopback only: the laptop reaches it through an SSH tunnel to port 22, the one port open from outside.
 {fetch_token}
 fetch_ray_token "$VENV/bin/python" "$WORKDIR/ray_token"
-ray start --head --port={ray_port} ${{INTERNAL_IP:+--node-ip-address="$INTERNAL_IP"}} \
+ray start --head --port={ray_port} --node-ip-address="$INTERNAL_IP" \
   --dashboard-host=127.0.0.1 --dashboard-port={dashboard_port} \
   --include-dashboard=true --num-cpus={num_cpus} --disable-usage-stats
-echo "[head] $(date -u +%FT%TZ) Ray head up on ${{INTERNAL_IP:-this host}}:{ray_port}, job server on 127.0.0.1:{dashboard_port}"
+echo "[head] $(date -u +%FT%TZ) Ray head up on $INTERNAL_IP:{ray_port}, job server on 127.0.0.1:{dashboard_port}"
 """
 
 

@@ -262,7 +262,8 @@ case "$*" in
   *attributes/ray-head-address*) printf 10.0.0.5 ;;
   *attributes/ray-token-secret*) [ -n "${STUB_NO_SECRET:-}" ] && exit 22; printf r1-ray-token ;;
   *attributes/launcher-project*) printf proj ;;
-  *network-interfaces/0/ip*) printf 10.0.0.7 ;;
+  *network-interfaces/0/ip*) case "${STUB_NO_IP:-}" in missing) exit 22 ;; empty) exit 0 ;; esac
+                             printf 10.0.0.7 ;;
   *attributes/*) exit 22 ;;  # attribute not set: the script falls back to the baked-in value
   *service-accounts/default/token*) printf '{"access_token": "tok", "expires_in": 60}' ;;
   *) out= url=  # an object: served from $STUB_OBJECTS/<its name>, or empty
@@ -373,6 +374,22 @@ def test_bootstrap_refuses_to_start_ray_without_the_token_secret(tmp_path) -> No
     assert not any(c.startswith("ray start") for c in calls)
     assert "[bootstrap] refusing to start Ray: no ray-token-secret in this VM's metadata" in \
         (tmp_path / "boot.log").read_text()
+
+
+@pytest.mark.parametrize("answer", ["missing", "empty"])
+def test_bootstrap_refuses_to_start_ray_without_an_internal_ip(tmp_path, answer) -> None:
+    """The metadata server gives no internal IP (an error, or an empty answer): Ray would listen on its default
+    address, so the script says so in its log and exits 1 before any `ray start`."""
+    from script_stubs import run_with_stubs
+
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        run_with_stubs(bootstrap_script(), tmp_path, STUBS, {**bucket_objects(tmp_path), "STUB_NO_IP": answer})
+    assert err.value.returncode == 1
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert not any(c.startswith("ray start") for c in calls), calls
+    log = (tmp_path / "boot.log").read_text().splitlines()
+    assert log[-1] == ("[bootstrap] refusing to start Ray: no internal IP from the metadata server "
+                       "(http://metadata.google.internal/computeMetadata/v1/instance/network-interfaces/0/ip)"), log
 
 
 @pytest.mark.parametrize("tampered", ["wheel", "lock"])

@@ -212,7 +212,8 @@ for a in "$@"; do case "$a" in @*) cat "${a#@}" >>"$STUB_LOG.headers" ;; esac; d
 case "$*" in
   *attributes/ray-token-secret*) printf r1-ray-token ;;
   *attributes/launcher-project*) printf proj ;;
-  *network-interfaces/0/ip*) printf 10.0.0.9 ;;
+  *network-interfaces/0/ip*) case "${STUB_NO_IP:-}" in missing) exit 22 ;; empty) exit 0 ;; esac
+                             printf 10.0.0.9 ;;
   *attributes/*) exit 22 ;;
   *service-accounts/default/token*) printf '{"access_token": "tok", "expires_in": 60}' ;;
   *) out= url=  # an object: served from $STUB_OBJECTS/<its name>, or empty
@@ -245,7 +246,7 @@ def test_head_script_is_valid_bash_without_secrets(tmp_path) -> None:
     subprocess.run(["bash", "-n", str(path)], check=True)
     assert script.startswith("#!/bin/bash\n")
     assert "Metadata-Flavor: Google" in script and "metadata.google.internal/computeMetadata/v1" in script
-    assert ('ray start --head --port=6380 ${INTERNAL_IP:+--node-ip-address="$INTERNAL_IP"} \\\n'
+    assert ('ray start --head --port=6380 --node-ip-address="$INTERNAL_IP" \\\n'
             "  --dashboard-host=127.0.0.1 --dashboard-port=8266 \\\n"
             "  --include-dashboard=true --num-cpus=0") in script
     assert "0.0.0.0" not in script
@@ -294,6 +295,20 @@ def test_head_script_runs_with_stubs(tmp_path) -> None:
     # a reboot reuses the venv: no apt-get, no second venv
     calls = run_with_stubs(head_startup_script(STAGED), tmp_path, STUBS, script_env)
     assert not any(c.startswith(("apt-get", "python3 -m venv")) for c in calls) and start in calls
+
+
+@pytest.mark.parametrize("answer", ["missing", "empty"])
+def test_head_script_refuses_to_start_ray_without_an_internal_ip(tmp_path, answer) -> None:
+    """The metadata server gives no internal IP (an error, or an empty answer): Ray would listen on its default
+    address, so the script says so in its log and exits 1 before any `ray start`."""
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        run_with_stubs(head_startup_script(STAGED), tmp_path, STUBS, {**bucket_objects(tmp_path), "STUB_NO_IP": answer})
+    assert err.value.returncode == 1
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert not any(c.startswith(("venv-ray start", "system-ray start")) for c in calls), calls
+    log = (tmp_path / "head.log").read_text().splitlines()
+    assert log[-1] == ("[head] refusing to start Ray: no internal IP from the metadata server "
+                       "(http://metadata.google.internal/computeMetadata/v1/instance/network-interfaces/0/ip)"), log
 
 
 @pytest.mark.parametrize("tampered", ["wheel", "lock"])

@@ -61,10 +61,13 @@ class MetadataServer:
     """The GCE metadata server of every fake TPU VM: GET /vm/<node>/<worker>/computeMetadata/v1/instance/...
 
     Serves `attributes/<key>` from the node's metadata (read per request, as the real one), the default
-    service account's token, and `hostname`; like GCE, requires `Metadata-Flavor: Google`.
+    service account's token, `hostname` and the VM's internal IP (`network-interfaces/0/ip`: `internal_ip`, this
+    machine's address where the test's Ray head listens; the startup script refuses to start Ray without one);
+    like GCE, requires `Metadata-Flavor: Google`.
     """
 
-    def __init__(self):
+    def __init__(self, internal_ip: str = "127.0.0.1"):
+        self.internal_ip = internal_ip
         self.metadata: Dict[str, Dict[str, str]] = {}  # node name -> its metadata attributes
         self.requests: List[str] = []
         server = self
@@ -103,6 +106,8 @@ class MetadataServer:
             return 200, json.dumps({"access_token": FAKE_TOKEN, "expires_in": 3599, "token_type": "Bearer"})
         if rest == ["hostname"]:
             return 200, f"t1v-n-{node}-w-{worker}.internal"
+        if rest == ["network-interfaces", "0", "ip"]:
+            return 200, self.internal_ip
         return 404, "not found"
 
     def stop(self) -> None:
@@ -289,6 +294,9 @@ class TpuVmHost:
             problems.append("did not clean the TPU host")
         if not any(c.startswith(f"ray start --address={head} ") for c in calls):
             problems.append("did not `ray start` against the head")
+        ip = head.rsplit(":", 1)[0]  # the VMs' internal IP (MetadataServer): the head's, this machine's address
+        if not any(c.startswith(f"ray start --address={head} --node-ip-address={ip} ") for c in calls):
+            problems.append(f"did not `ray start` on its internal IP {ip} from the metadata server")
         token = self.workdir / "ray_token"
         if not token.is_file() or (token.stat().st_mode & 0o077) or "wrote the Ray token" not in log:
             problems.append("did not fetch the run's Ray token from Secret Manager into a 0600 file")
@@ -363,7 +371,8 @@ class BootedHosts:
         self.nodes: Dict[str, List[TpuVmHost]] = {}
         self.booted: List[TpuVmHost] = []
         self.lock, self.errors, self.todo = threading.Lock(), [], queue.Queue()
-        self.metadata = MetadataServer()
+        # the VMs' internal IP: the address of the head's GCS, this machine's (where Ray would put them by default)
+        self.metadata = MetadataServer(internal_ip=cluster.address.rsplit(":", 1)[0])
 
     def on_ready(self, node: dict) -> None:
         self.todo.put((self._boot, node))
