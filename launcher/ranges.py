@@ -19,6 +19,7 @@ PROVIDERS = ("local", "gcp")
 CAPACITIES = ("on_demand", "spot", "reserved")
 DTYPES = ("float32", "bfloat16")
 POSITIONS = ("rotary", "learned")
+REMAT = ("none", "full", "dots_saveable")  # trainer/model.py REMAT_POLICIES
 OPTIMIZERS = ("adamw",)  # trainer/optim.py builds AdamW whatever the name says
 TPU_VERSIONS = tuple(sorted({t.version for t in catalog.all_types()}))
 SSH_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")  # a POSIX (useradd) user name
@@ -144,6 +145,8 @@ RANGES: Dict[str, Range] = {
     "model.max_seq_len": AT_LEAST_ONE,
     "model.positions": choice(POSITIONS),
     "model.dtype": choice(DTYPES, "dtype"),
+    "model.scan_layers": BOOL,
+    "model.remat": choice(REMAT, "remat policy"),
 
     "data.name": unchecked("free-form: set by the data= group; validate.check_data needs data.path unless 'stdlib'"),
     "data.path": unchecked("checked by validate.check_data: a local dir or gs:// prefix holding manifest.json"),

@@ -23,6 +23,8 @@ class ModelConfig:
     max_seq_len: int = 256
     positions: str = "rotary"  # rotary | learned
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+    scan_layers: bool = False  # one nn.scan over the blocks: compile time flat in depth (params stacked per layer)
+    remat: str = "none"  # recompute block activations in the backward pass: none | full | dots_saveable
 
 
 @dataclass

@@ -38,6 +38,8 @@ CASES = {
     "model.max_seq_len": INT_GE_1,
     "model.positions": ("absolute", "unknown 'absolute' (choose one of: rotary, learned)"),
     "model.dtype": ("float16", "unknown dtype 'float16' (choose one of: float32, bfloat16)"),
+    "model.scan_layers": BOOL,
+    "model.remat": ("offload", "unknown remat policy 'offload' (choose one of: none, full, dots_saveable)"),
 
     "data.name": NO_RANGE + "free-form label of the data= group (no data.path: a data.path error)",
     "data.path": ("{t}/missing", "does not exist"),

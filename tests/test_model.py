@@ -14,7 +14,8 @@ import optax  # noqa: E402
 import pytest  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from trainer.model import ModelSpec, TransformerLM  # noqa: E402
+from launcher.schema import ModelConfig  # noqa: E402
+from trainer.model import Attention, ModelSpec, TransformerLM, init_cache, rotary  # noqa: E402
 from trainer.optim import make_optimizer, make_schedule  # noqa: E402
 from trainer.sharding import LOGICAL_RULES, make_mesh  # noqa: E402
 from trainer.state import count_params, create_state  # noqa: E402
@@ -25,8 +26,10 @@ SEQ = 16
 
 
 def tiny_spec(**changes) -> ModelSpec:
-    """The spec of conf/model/tiny.yaml (so the test follows the shipped config), optionally changed."""
-    spec = ModelSpec.from_config(OmegaConf.load(os.path.join(REPO, "conf", "model", "tiny.yaml")))
+    """The spec of conf/model/tiny.yaml over the schema's defaults (so the test follows the shipped config),
+    optionally changed."""
+    spec = ModelSpec.from_config(OmegaConf.merge(OmegaConf.structured(ModelConfig),
+                                                 OmegaConf.load(os.path.join(REPO, "conf", "model", "tiny.yaml"))))
     return dataclasses.replace(spec, **changes)
 
 
@@ -154,6 +157,91 @@ def test_every_param_has_one_logical_name_per_dim(positions):
         assert len(pspec) == leaf.value.ndim, jax.tree_util.keystr(path)
     wi = boxed["block_0"]["mlp"]["wi"]["kernel"]
     assert wi.names == ("embed", "mlp")
+
+
+def test_scanned_params_stack_on_a_layers_axis_that_no_mesh_axis_shards():
+    spec = tiny_spec(scan_layers=True)
+    boxed = jax.eval_shape(lambda k: TransformerLM(spec).init(k, jnp.zeros((1, SEQ), jnp.int32)),
+                           jax.random.key(0))["params"]
+    assert not any(k.startswith("block_") for k in boxed)
+    wi = boxed["blocks"]["block"]["mlp"]["wi"]["kernel"]
+    assert wi.names == ("layers", "embed", "mlp") and wi.value.shape == (spec.n_layers, spec.d_model, spec.d_ff)
+    assert dict(LOGICAL_RULES)["layers"] is None
+    assert count_params(nn.meta.unbox(boxed)) == count_params(nn.meta.unbox(jax.eval_shape(
+        lambda k: TransformerLM(tiny_spec()).init(k, jnp.zeros((1, SEQ), jnp.int32)), jax.random.key(0))["params"]))
+
+
+def _stacked(params, n_layers):
+    """A loop model's params in the scanned layout: block_i's leaves stacked on a leading axis."""
+    blocks = [params[f"block_{i}"] for i in range(n_layers)]
+    rest = {k: v for k, v in params.items() if not k.startswith("block_")}
+    return {**rest, "blocks": {"block": jax.tree_util.tree_map(lambda *x: jnp.stack(x), *blocks)}}
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots_saveable"])
+def test_scan_and_remat_compute_what_the_layer_loop_computes(remat):
+    """The same weights give the same logits and gradients as one loop of blocks, scanned or not, whatever is
+    recomputed in the backward pass."""
+    loop = tiny_spec(n_layers=3)
+    params = nn.meta.unbox(TransformerLM(loop).init(jax.random.key(2), jnp.zeros((1, SEQ), jnp.int32))["params"])
+    toks = tokens_for(loop, batch=2, seed=5)
+
+    def loss_and_grad(spec, p):
+        return jax.jit(jax.value_and_grad(lambda p: TransformerLM(spec).apply({"params": p}, toks).mean()))(p)
+
+    ref_loss, ref_grad = loss_and_grad(loop, params)
+    for scan in (False, True):
+        spec = dataclasses.replace(loop, scan_layers=scan, remat=remat)
+        p = _stacked(params, loop.n_layers) if scan else params
+        loss, grad = loss_and_grad(spec, p)
+        np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+        want = _stacked(ref_grad, loop.n_layers) if scan else ref_grad
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grad, want)
+    # ...and the comparison can fail: other weights give other gradients.
+    other = jax.tree_util.tree_map(lambda x: x * 1.01, params)
+    assert not np.allclose(float(loss_and_grad(loop, other)[0]), float(ref_loss), rtol=1e-6)
+
+
+def _hand_attention(q, k, v, mask):
+    """The score tensor built by hand (the model's attention before jax.nn.dot_product_attention)."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * (q.shape[-1] ** -0.5)
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1).astype(q.dtype), v)
+
+
+def test_attention_equals_the_hand_built_score_tensor():
+    """Attention's jax.nn.dot_product_attention, causal and through a left-padded KV cache's mask, against the
+    softmax(q k^T / sqrt(d)) v written out: the same to 1e-6."""
+    spec = tiny_spec()
+    x = jax.random.normal(jax.random.key(4), (2, SEQ, spec.d_model))
+    pos = jnp.broadcast_to(jnp.arange(SEQ)[None], (2, SEQ))
+    attn = Attention(spec)
+    params = attn.init(jax.random.key(5), x, pos)
+    qkv = {}
+
+    def keep_projections(f, args, kwargs, ctx):  # records what the query/key/value projections return
+        out = f(*args, **kwargs)
+        if ctx.module.name in ("query", "key", "value"):
+            qkv[ctx.module.name] = out
+        return out
+
+    with nn.intercept_methods(keep_projections):
+        out = attn.apply(params, x, pos)
+    q, k, v = rotary(qkv["query"], pos), rotary(qkv["key"], pos), qkv["value"]
+    causal = jnp.tril(jnp.ones((SEQ, SEQ), bool))[None, None]
+    want = nn.DenseGeneral(spec.d_model, axis=(-2, -1), use_bias=False).apply(
+        {"params": params["params"]["out"]}, _hand_attention(q, k, v, causal))
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-6)
+    # The cached path: rows starting at slots 0 and 5 of a 2*SEQ-slot cache.
+    start = jnp.array([0, 5], jnp.int32)
+    cache = {**init_cache(spec, 2, 2 * SEQ, start)["layers"][0], "index": jnp.int32(0), "start": start}
+    got, _ = attn.apply(params, x, pos, cache)
+    slots = jnp.arange(SEQ)
+    mask = (slots[None, None, :] <= slots[None, :, None]) & (slots[None, None, :] >= start[:, None, None])
+    want = nn.DenseGeneral(spec.d_model, axis=(-2, -1), use_bias=False).apply(
+        {"params": params["params"]["out"]}, _hand_attention(q, k, v, mask[:, None]))
+    np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got[1, 5:], want[1, 5:], rtol=0, atol=1e-6)  # padding slots 0..4 are never read
 
 
 def test_schedule_warmup_peak_and_end():

@@ -3,6 +3,9 @@
 Every parameter carries logical axis names (see trainer/sharding.py for how they map onto the mesh).
 Called with a KV cache (trainer/generate.py) it decodes: the cache arrays go in and come back updated, so the
 param tree and the training forward pass (no cache) are exactly what they were.
+`scan_layers` runs the blocks as one `nn.scan` (parameters stacked on a leading `layers` axis), so compile time
+does not grow with depth; `remat` recomputes each block's activations in the backward pass (jax.checkpoint with
+a policy) so big models fit.
 """
 from dataclasses import dataclass
 
@@ -11,6 +14,9 @@ import jax
 import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# What a block keeps for the backward pass: everything (none), only its inputs (full), or its matmul outputs.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots_saveable": jax.checkpoint_policies.dots_saveable}
 
 
 @dataclass(frozen=True)
@@ -23,12 +29,15 @@ class ModelSpec:
     max_seq_len: int
     positions: str = "rotary"
     dtype: str = "float32"
+    scan_layers: bool = False
+    remat: str = "none"
 
     @classmethod
     def from_config(cls, m) -> "ModelSpec":
         return cls(vocab_size=int(m.vocab_size), d_model=int(m.d_model), n_layers=int(m.n_layers),
                    n_heads=int(m.n_heads), d_ff=int(m.d_ff), max_seq_len=int(m.max_seq_len),
-                   positions=str(m.positions), dtype=str(m.dtype))
+                   positions=str(m.positions), dtype=str(m.dtype), scan_layers=bool(m.scan_layers),
+                   remat=str(m.remat))
 
     @property
     def head_dim(self) -> int:
@@ -73,15 +82,13 @@ class Attention(nn.Module):
         q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
         if s.positions == "rotary":
             q, k = rotary(q, positions), rotary(k, positions)
+        # jax.nn.dot_product_attention: the fused (or, on TPU, the compiler's own) attention instead of a score
+        # tensor built by hand; softmax in float32 either way.
         if cache is None:
-            length = x.shape[1]
-            mask = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         else:
             k, v, mask, cache = _cached_kv(cache, k, v)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * (s.head_dim ** -0.5)
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1).astype(dt)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
         out = nn.DenseGeneral(s.d_model, axis=(-2, -1), use_bias=False, dtype=dt, name="out",
                               kernel_init=_init((s.n_heads * s.head_dim) ** -0.5 / (2 * s.n_layers) ** 0.5,
                                                 ("heads", "kv", "embed")))(out)
@@ -126,6 +133,27 @@ class Block(nn.Module):
         return x if cache is None else (x, cache)
 
 
+def _block_class(spec: ModelSpec):
+    """Block, or Block under jax.checkpoint with the spec's remat policy. Inside nn.scan the loop already keeps
+    XLA from merging recomputation with the forward pass, so CSE prevention (extra work) is only needed outside it."""
+    if spec.remat == "none":
+        return Block
+    return nn.remat(Block, policy=REMAT_POLICIES[spec.remat], prevent_cse=not spec.scan_layers)
+
+
+class _ScanBody(nn.Module):
+    """One layer of the scanned stack: carry x, per-layer cache slice in, per-layer cache slice out."""
+    spec: ModelSpec
+
+    @nn.compact
+    def __call__(self, x, positions, shared, layer):
+        block = _block_class(self.spec)(self.spec, name="block")
+        if layer is None:
+            return block(x, positions), None
+        x, cache = block(x, positions, {**layer, **shared})
+        return x, {"k": cache["k"], "v": cache["v"]}
+
+
 class TransformerLM(nn.Module):
     """tokens [batch, length] int32 -> logits [batch, length, vocab] float32.
 
@@ -145,15 +173,21 @@ class TransformerLM(nn.Module):
         if s.positions == "learned":
             x = x + nn.Embed(s.max_seq_len, s.d_model, dtype=dt, name="pos_embed",
                              embedding_init=_init(0.02, (None, "embed")))(positions)
-        layers = []
-        for i in range(s.n_layers):
-            block = Block(s, name=f"block_{i}")
-            if cache is None:
-                x = block(x, positions)
-            else:
-                x, layer = block(x, positions, {**cache["layers"][i], "index": cache["index"],
-                                                "start": cache["start"]})
-                layers.append({"k": layer["k"], "v": layer["v"]})
+        shared = None if cache is None else {"index": cache["index"], "start": cache["start"]}
+        if s.scan_layers:
+            stack = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast, 0), length=s.n_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, layers = stack(s, name="blocks")(x, positions, shared, None if cache is None else cache["layers"])
+        else:
+            layers = []
+            for i in range(s.n_layers):
+                block = _block_class(s)(s, name=f"block_{i}")
+                if cache is None:
+                    x = block(x, positions)
+                else:
+                    x, layer = block(x, positions, {**cache["layers"][i], **shared})
+                    layers.append({"k": layer["k"], "v": layer["v"]})
         x = RMSNorm(name="ln_final")(x)
         logits = nn.Dense(s.vocab_size, use_bias=False, dtype=dt, name="lm_head",
                           kernel_init=_init(s.d_model ** -0.5, ("embed", "vocab")))(x)
@@ -168,5 +202,8 @@ def init_cache(spec: ModelSpec, batch: int, slots: int, start) -> dict:
     fills the slots before it). `index` is the next slot to write."""
     shape = (batch, slots, spec.n_heads, spec.head_dim)
     dt = DTYPES[spec.dtype]
-    return {"index": jnp.zeros((), jnp.int32), "start": jnp.asarray(start, jnp.int32),
-            "layers": [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(spec.n_layers)]}
+    if spec.scan_layers:  # one stacked array per kind, layer-major, as the scanned stack takes it
+        layers = {"k": jnp.zeros((spec.n_layers, *shape), dt), "v": jnp.zeros((spec.n_layers, *shape), dt)}
+    else:
+        layers = [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(spec.n_layers)]
+    return {"index": jnp.zeros((), jnp.int32), "start": jnp.asarray(start, jnp.int32), "layers": layers}

@@ -21,6 +21,7 @@ LOGICAL_RULES: Tuple[Tuple[str, object], ...] = (
     ("vocab", "tensor"),
     ("kv", None),
     ("length", None),
+    ("layers", None),  # the stacked axis of scanned blocks (model.scan_layers): every host holds every layer
 )
 
 
