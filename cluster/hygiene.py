@@ -1,9 +1,10 @@
 """Host hygiene before every trainer start: no trainer left over from an earlier attempt, no stale TPU lock.
 
 A trainer that outlived its attempt (its supervisor or actor died, it was stopped with SIGSTOP, ...) would
-write checkpoints and hold the TPU while the next attempt starts. Its pid is in the host's heartbeat file
-(trainer/heartbeat.py); it is killed only if that pid still runs `trainer.main` and, where the heartbeat
-records it, still has the recorded start time (pids are reused: a pid plus its start time names one process).
+write checkpoints and hold the TPU while the next attempt starts. Its pid and start time are in the host's
+heartbeat file (trainer/heartbeat.py); it is killed only if that pid still has the recorded start time (pids are
+reused: a pid plus its start time names one process) and runs `trainer.main`. A heartbeat that records no start
+time (an older record) kills nothing, whatever the pid's command line: clean_host says so instead.
 The same check guards `kill_recorded`, which stops a dead supervisor's local Ray processes. On a TPU
 VM, processes holding the TPU devices are killed and libtpu's lockfile is removed once nothing holds them,
 as other launchers' startup scripts do.
@@ -91,22 +92,37 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
-def leftover_trainer(heartbeat_file: str) -> Optional[int]:
-    """The pid in a heartbeat file, if that process is alive, is a trainer and (where the heartbeat records
-    `pid_start_time`) started when the heartbeat's process did, i.e. is that process and not a reused pid."""
+def _heartbeat_process(heartbeat_file: str) -> Tuple[int, Optional[int]]:
+    """(pid, pid_start_time) a heartbeat file records; (0, None) for a missing or torn one."""
     try:
         with open(heartbeat_file) as f:
             hb = json.load(f)
         pid = int(hb.get("pid") or 0)
         start_time = hb.get("pid_start_time")
-        start_time = None if start_time is None else int(start_time)
+        return pid, None if start_time is None else int(start_time)
     except (OSError, ValueError, TypeError, json.JSONDecodeError, AttributeError):
+        return 0, None
+
+
+def leftover_trainer(heartbeat_file: str) -> Optional[int]:
+    """The pid in a heartbeat file, if that process is alive, started when the heartbeat's process did (its
+    recorded `pid_start_time`: that process, not a reused pid) and is a trainer. A heartbeat without a start time
+    names no process: None, whatever runs under its pid."""
+    pid, start_time = _heartbeat_process(heartbeat_file)
+    if pid <= 0 or pid == os.getpid() or start_time is None or _is_zombie(pid):
         return None
-    if pid <= 0 or pid == os.getpid() or _is_zombie(pid):
-        return None
-    if start_time is not None and process_start_time(pid) != start_time:
+    if process_start_time(pid) != start_time:
         return None
     return pid if "trainer.main" in _cmdline(pid) else None
+
+
+def unrecorded_trainer_pid(heartbeat_file: str) -> Optional[int]:
+    """The pid of a heartbeat that records no start time (an older record) while some process runs under it: one
+    that leftover_trainer will not kill (the pid may have been reused), to be mentioned, not killed."""
+    pid, start_time = _heartbeat_process(heartbeat_file)
+    if pid <= 0 or pid == os.getpid() or start_time is not None or _is_zombie(pid):
+        return None
+    return pid
 
 
 def _tpu_holders(devices: List[str]) -> List[int]:
@@ -136,6 +152,10 @@ def clean_host(heartbeat_file: Optional[str] = None, lockfile: str = LIBTPU_LOCK
         pid = leftover_trainer(heartbeat_file)
         if pid is not None and _kill(pid):
             actions.append(f"killed leftover trainer pid {pid}")
+        unrecorded = unrecorded_trainer_pid(heartbeat_file)
+        if unrecorded is not None:
+            actions.append(f"left pid {unrecorded} alone: its heartbeat {heartbeat_file} records no start time "
+                           "(an older record), so it may be another process now; stop a leftover trainer yourself")
     if devices is None:
         devices = [d for pattern in TPU_DEVICE_GLOBS for d in glob.glob(pattern)]
     if not devices:
