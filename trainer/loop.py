@@ -9,6 +9,7 @@ from typing import Dict, Optional
 import jax
 import numpy as np
 
+from trainer import compile_cache
 from trainer.checkpoint import Checkpointer
 from trainer.data.stream import BatchStream, eval_batches, read_manifest
 from trainer.digest import params_digest
@@ -193,7 +194,8 @@ class Loop:
                               "data_wait_s": data_wait / n, "mfu": mfu(self.step_flops, step_time, self.peak_flops)}
                     if first:
                         record["includes_compile"] = True
-                        ev("first_step", step=done, since_start_s=round(now - self.start_time, 4))
+                        ev("first_step", step=done, since_start_s=round(now - self.start_time, 4),
+                           compile_cache=compile_cache.stats())
                         self.goodput("startup", seconds=round(now - ready_time, 4), step=done)
                     else:
                         self.goodput("steps", **{"from": mark_step, "to": done,

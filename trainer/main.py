@@ -72,6 +72,9 @@ def main(argv=None) -> int:
     goodput = GoodputLog(cfg.run.dir, args.attempt) if args.process_id == 0 else None
     events("process_start", pid=os.getpid(),
            megascale={k: v for k, v in sorted(os.environ.items()) if k.startswith("MEGASCALE_")})
+    from trainer import compile_cache
+
+    compile_cache.enable(cfg.trainer.get("compile_cache"), args.process_id)  # before anything compiles
     try:
         init_s = distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                         int(cfg.trainer.init_timeout_s))
