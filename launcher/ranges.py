@@ -122,6 +122,11 @@ def _bucket(v: str) -> bool:
     return v.startswith("gs://") and bool(v[len("gs://"):].split("/")[0].strip())
 
 
+def _compile_cache(v: str) -> bool:
+    """trainer/compile_cache.py: auto, off, or a directory each host resolves on its own disk (not a URL)."""
+    return v in ("auto", "off") or (v.startswith(("/", "~")) and "://" not in v)
+
+
 BOOL = unchecked("bool: schema-typed (OmegaConf rejects anything else at composition)")
 AT_LEAST_ONE = integer(1)
 AXIS = Range("-1 (fill) or an integer >= 1", lambda v: _int(v) and (v == -1 or v >= 1), example=-1)
@@ -174,6 +179,9 @@ RANGES: Dict[str, Range] = {
     "trainer.log_every": AT_LEAST_ONE,
     "trainer.init_timeout_s": AT_LEAST_ONE,
     "trainer.host_start_timeout_s": AT_LEAST_ONE,
+    "trainer.compile_cache": replace(
+        string("auto, off or an absolute directory on each host's own disk (/PATH or ~/PATH)", _compile_cache, "auto"),
+        fix="set {key}=auto (each host's ~/.cache/tpu-launcher/jax-compile), off, or a local absolute path"),
 
     "checkpoint.every": AT_LEAST_ONE,
     "checkpoint.keep": AT_LEAST_ONE,

@@ -60,6 +60,9 @@ class TrainerConfig:
     log_every: int = 10
     init_timeout_s: int = 300  # jax.distributed.initialize timeout
     host_start_timeout_s: int = 120  # waiting for Ray to place one trainer per host
+    # persistent JAX compilation cache on each host's own disk: auto ($TPU_LAUNCHER_CACHE or ~/.cache/tpu-launcher,
+    # /jax-compile) | off | an absolute directory (trainer/compile_cache.py)
+    compile_cache: str = "auto"
 
 
 @dataclass

@@ -66,6 +66,7 @@ CASES = {
     "trainer.log_every": INT_GE_1,
     "trainer.init_timeout_s": INT_GE_1,
     "trainer.host_start_timeout_s": INT_GE_1,
+    "trainer.compile_cache": ("gs://b/jax", "must be auto, off or an absolute directory on each host's own disk"),
 
     "checkpoint.every": INT_GE_1,
     "checkpoint.keep": INT_GE_1,
@@ -154,7 +155,8 @@ GOOD = ["optimizer.min_lr_ratio=0", "optimizer.min_lr_ratio=1", "optimizer.b1=0"
         "ray.port=1", "ray.dashboard_port=65535", "cluster.ssh_user=_a-1", "+cluster.labels.team=ml-1",
         "+cluster.labels.empty=", "cluster.bucket=gs://b/runs", "cluster.tpu_api_endpoint=http://127.0.0.1:9",
         "cluster.secret_manager_endpoint=https://secretmanager.googleapis.com", "watchdog.heartbeat_s=0.01",
-        "ray.auth_token_file=/no/such/file/yet", "cluster.tpu_version=v6e"]
+        "ray.auth_token_file=/no/such/file/yet", "cluster.tpu_version=v6e",
+        "trainer.compile_cache=off", "trainer.compile_cache=/var/cache/jax"]
 
 
 def schema_leaves(cls=schema.Config, prefix=""):
