@@ -92,8 +92,11 @@ def run(args) -> int:
     batches = _batches(args.batches, cfg)
     path, manifest = _data(args, cfg)
 
+    from trainer import compile_cache
     from trainer.data import DataError
     from trainer.evaluate import evaluate  # imports JAX: only now, so the other commands never pay for it
+
+    compile_cache.enable(cfg.trainer.get("compile_cache"))  # the run's setting, on this machine's disk
 
     batch = int(cfg.trainer.batch_size)
     try:

@@ -89,6 +89,9 @@ def run(args) -> int:
         if len(tokens) >= spec.max_seq_len:
             raise UserError(where, f"a prompt of {len(tokens)} tokens leaves no room in the model's max_seq_len "
                             f"{spec.max_seq_len}", f"shorten it below {spec.max_seq_len} tokens (bytes)")
+    from trainer import compile_cache
+
+    compile_cache.enable(cfg.trainer.get("compile_cache"))  # the run's setting, on this machine's disk
     mesh = generate_mesh(spec)
     try:
         params, step = restore_params(str(cfg.checkpoint.dir), args.step, mesh, spec)
