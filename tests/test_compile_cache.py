@@ -1,0 +1,88 @@
+"""The persistent compilation cache per host (trainer.compile_cache, trainer/compile_cache.py): a second launch of a run
+reads what the first compiled, on every host; `off` reads and writes nothing; a bad value stops before anything."""
+import os
+import re
+
+import pytest
+
+from launcher.__main__ import main
+from podutil import TINY, explain, launch, read_jsonl
+from trainer.compile_cache import directory
+
+BAD = [("", "got ''"), ("runs/jax", "got 'runs/jax'"), ("gs://bucket/jax", "got 'gs://bucket/jax'")]
+
+
+@pytest.mark.parametrize("value, fragment", BAD)
+def test_bad_value_is_one_error_line_before_anything_starts(value, fragment, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TPU_LAUNCHER_CACHE", str(tmp_path / "cache"))
+    code = main(["model=tiny", f"run.dir={tmp_path}/r", f"trainer.compile_cache={value}"])
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    assert len(err.splitlines()) == 1, err
+    assert re.fullmatch(r"error: trainer\.compile_cache: must be auto, off or an absolute directory .+"
+                        r"\(set trainer\.compile_cache=auto .+\)\n", err), err
+    assert fragment in err
+    assert os.listdir(tmp_path) == []  # no run dir, no corpus, no cache
+
+
+def test_directory_is_per_process_on_this_hosts_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("TPU_LAUNCHER_CACHE", str(tmp_path))
+    assert directory("auto", 3) == os.path.join(str(tmp_path), "jax-compile", "process-3")
+    assert directory("/var/cache/jax", 1) == "/var/cache/jax/process-1"
+    assert directory("~/jax") == os.path.join(os.path.expanduser("~"), "jax", "process-0")
+    assert directory("off", 0) is None and directory(None, 0) is None  # None: a config written before the key
+
+
+def _entries(root):
+    """{relative path: mtime_ns} of every file under root."""
+    found = {}
+    for parent, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(parent, name)
+            found[os.path.relpath(path, root)] = os.stat(path).st_mtime_ns
+    return found
+
+
+def _first_steps(run_dir, skip):
+    """{host: the compile_cache stats of its first_step event}, of the events after the first `skip`."""
+    events = read_jsonl(os.path.join(run_dir, "events.jsonl"))[skip:]
+    return {e["host"]: e["compile_cache"] for e in events if e["event"] == "first_step"}
+
+
+@pytest.mark.integration
+def test_second_launch_compiles_from_each_hosts_cache_and_off_touches_none(tmp_path, corpus_cache):
+    # The launcher's own local pod: its Ray nodes, and so the trainers, get this TPU_LAUNCHER_CACHE (auto's root).
+    home = str(tmp_path / "home")
+    env = {"TPU_LAUNCHER_CACHE": home}
+    data = f"data.cache_dir={os.path.join(corpus_cache, 'corpus-stdlib-v1')}"  # the session's prepared corpus
+    cache = os.path.join(home, "jax-compile")
+    run_dir = str(tmp_path / "cc")
+    common = ["run.name=cc", f"run.dir={run_dir}", *TINY, data, "optimizer.decay_steps=4", "checkpoint.every=2"]
+
+    first = launch(*common, "trainer.steps=2", env=env)
+    assert first.returncode == 0, explain(first)
+    cold = _first_steps(run_dir, 0)
+    assert sorted(cold) == [0, 1]
+    for host, stats in cold.items():  # every host compiled and wrote its own entries (jax alone writes from 0 only)
+        assert stats["dir"] == os.path.join(cache, f"process-{host}"), stats
+        assert stats["hits"] == 0 and stats["writes"] > 0 and stats["requests"] >= stats["writes"], stats
+        assert any(n.endswith("-cache") for n in os.listdir(stats["dir"])), os.listdir(stats["dir"])
+    assert not [n for n in _entries(cache) if ".tmp-" in n]  # written aside, renamed into place
+    skip = len(read_jsonl(os.path.join(run_dir, "events.jsonl")))
+
+    second = launch(*common, "trainer.steps=4", env=env)  # resumes from step 2: a new attempt, new processes
+    assert second.returncode == 0, explain(second)
+    warm = _first_steps(run_dir, skip)
+    assert sorted(warm) == [0, 1]
+    for host, stats in warm.items():  # the train step (and what else it shares with the first launch) came from disk
+        assert stats["hits"] > 0, (host, stats, cold[host])
+        assert stats["requests"] - stats["hits"] < cold[host]["requests"], (host, stats, cold[host])
+    before = _entries(cache)
+
+    # off: another model (new programs) in a new run: nothing read, nothing written under auto's directory
+    off_dir = str(tmp_path / "off")
+    third = launch("run.name=off", f"run.dir={off_dir}", *TINY, data, "model.d_ff=128", "trainer.steps=2",
+                   "trainer.compile_cache=off", env=env)
+    assert third.returncode == 0, explain(third)
+    assert _first_steps(off_dir, 0) == {0: {"dir": None}, 1: {"dir": None}}
+    assert _entries(cache) == before
