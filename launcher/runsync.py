@@ -64,17 +64,6 @@ def read_new(root: str, offsets: Dict[str, int]) -> Dict[str, Tuple[bytes, int]]
     return out
 
 
-def _inside(run_dir: str, name: str) -> Optional[str]:
-    """run_dir/name, if `name` is a relative path that stays inside run_dir; else None."""
-    if not isinstance(name, str) or not name or "\0" in name or "\\" in name or os.path.isabs(name):
-        return None
-    if any(part in ("", ".", "..") for part in name.split("/")):
-        return None
-    root = os.path.abspath(run_dir)
-    target = os.path.abspath(os.path.join(root, name))
-    return target if os.path.commonpath([root, target]) == root and target != root else None
-
-
 def apply_chunks(run_dir: str, host: int, expected_names: Iterable[str], chunks,
                  warned: Optional[Set] = None) -> Dict[str, int]:
     """Write what host `host` returned from `read_new` into run_dir. Only the names the supervisor asked that
@@ -98,7 +87,7 @@ def apply_chunks(run_dir: str, host: int, expected_names: Iterable[str], chunks,
         if name not in expected:
             _ignore(name, "a file the supervisor did not ask for")
             continue
-        target = _inside(run_dir, name)
+        target = runfiles.inside(run_dir, name)
         if target is None:
             _ignore(name, "not a path inside the run directory")
             continue
@@ -152,7 +141,7 @@ class RunSync:
         for name in names if isinstance(names, list) else []:
             if name in known:
                 continue
-            target = _inside(self.run_dir, name) if is_event_file(name) else None
+            target = runfiles.inside(self.run_dir, name) if is_event_file(name) else None
             if target is None or sum(map(is_event_file, known)) >= MAX_EVENT_FILES:
                 key = (0, repr(name)[:200])
                 if key not in self._warned:

@@ -21,9 +21,15 @@ Layout of `${run.dir}`:
     report.png               the run's report
     eval/<step>-<split>.json `tpu-launch eval`'s result for one checkpoint step and split
     auth/                    the run's Ray token and SSH keys (0700)
+    mirror.json              a cloud run's mirror index as last pulled from its bucket (launcher/mirror.py)
+
+A cloud run's supervisor mirrors the files `mirrored_names` lists (the small files: no checkpoints, no auth/, no
+lock or pod record, not config.yaml) to its bucket; the laptop pulls back only names `is_mirrored` accepts, each
+only inside the run directory (`inside`).
 """
 import json
 import os
+import re
 from typing import Any, Iterator, List, Optional, Union
 
 CONFIG = "config.yaml"
@@ -43,6 +49,14 @@ TB = "tb"
 REPORT = "report.png"
 AUTH = "auth"
 EVAL = "eval"
+MIRROR = "mirror.json"
+
+# Names of the TensorBoard event files in tb/ (tensorboardX's and our writers': trainer/tensorboard.py).
+EVENT_FILE = re.compile(r"events\.out\.tfevents\.[A-Za-z0-9._-]{1,200}")
+# What a cloud run mirrors to its bucket: these files, every host's log and heartbeat, and host 0's event files.
+MIRRORED = (SUMMARY, RESULT, RESULT_PREVIOUS, METRICS, EVENTS, GOODPUT, REPORT)
+_MIRRORED_IN = {LOGS: re.compile(r"host-[0-9]{1,6}\.log"), HOSTS: re.compile(r"host-[0-9]{1,6}\.json"),
+                TB: EVENT_FILE}
 
 # Exit codes of the trainer and of the launcher's command.
 EXIT_OK = 0
@@ -104,6 +118,41 @@ def host_ids(run_dir: str, kind: str = LOGS) -> List[int]:
         if name.startswith(prefix) and name.endswith(suffix) and name[len(prefix):-len(suffix)].isdigit():
             found.append(int(name[len(prefix):-len(suffix)]))
     return sorted(found)
+
+
+def inside(run_dir: str, name: str) -> Optional[str]:
+    """run_dir/name, if `name` is a relative path that stays inside run_dir; else None."""
+    if not isinstance(name, str) or not name or "\0" in name or "\\" in name or os.path.isabs(name):
+        return None
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return None
+    root = os.path.abspath(run_dir)
+    target = os.path.abspath(os.path.join(root, name))
+    return target if os.path.commonpath([root, target]) == root and target != root else None
+
+
+def is_mirrored(name: str) -> bool:
+    """Whether `name` (relative to the run directory, '/'-separated) is one of the files a cloud run mirrors."""
+    if not isinstance(name, str):
+        return False
+    if name in MIRRORED:
+        return True
+    folder, _, base = name.partition("/")
+    pattern = _MIRRORED_IN.get(folder)
+    return pattern is not None and bool(pattern.fullmatch(base))
+
+
+def mirrored_names(run_dir: str) -> List[str]:
+    """The mirrored files (`is_mirrored`) the run directory holds now, as '/'-separated relative names."""
+    names = [n for n in MIRRORED if os.path.isfile(os.path.join(run_dir, n))]
+    for folder in _MIRRORED_IN:
+        try:
+            found = sorted(os.listdir(os.path.join(run_dir, folder)))
+        except OSError:
+            continue
+        names += [f"{folder}/{n}" for n in found
+                  if is_mirrored(f"{folder}/{n}") and os.path.isfile(os.path.join(run_dir, folder, n))]
+    return names
 
 
 def _default(x: Any):

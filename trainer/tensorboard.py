@@ -15,15 +15,14 @@ has logged is on disk when it dies, and a file is always whole records but for t
 """
 import itertools
 import os
-import re
 import struct
 import time
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from trainer.runfiles import METRICS, TB, iter_jsonl
+# EVENT_FILE: names of the event files ours and TensorBoard's writers make (what the run-dir sync of cloud hosts
+# and the bucket mirror accept)
+from trainer.runfiles import EVENT_FILE, METRICS, TB, iter_jsonl
 
-# Names of the event files ours and TensorBoard's writers make (what the run-dir sync of cloud hosts accepts).
-EVENT_FILE = re.compile(r"events\.out\.tfevents\.[A-Za-z0-9._-]{1,200}")
 TRAIN_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm"}
 PERF_TAGS = {"tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu", "step_time_s": "perf/step_time_s",
              "data_wait_s": "perf/data_wait_s"}
