@@ -14,6 +14,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def upload_tree(local_dir: str, url: str) -> int:
+    """Copy every file under `local_dir` to gs://BUCKET/PREFIX/<relative path> (as `gsutil cp -r` would); the
+    number of objects written. Through the real client (STORAGE_EMULATOR_HOST points it at the emulator)."""
+    import os
+
+    from google.cloud import storage
+
+    bucket_name, _, prefix = url[len("gs://"):].partition("/")
+    bucket = storage.Client(project="test").bucket(bucket_name)
+    count = 0
+    for dirpath, _, names in os.walk(local_dir):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            key = "/".join(p for p in (prefix.strip("/"), os.path.relpath(path, local_dir)) if p)
+            bucket.blob(key).upload_from_filename(path)
+            count += 1
+    return count
+
+
 class GCSEmulator:
     """Starts/stops the emulator in a background thread; `.url` is what STORAGE_EMULATOR_HOST wants."""
 

@@ -83,6 +83,21 @@ def test_data_of_the_same_tokenizer(run_copy, tmp_path):
     assert abs(written["eval_loss"] - read_json(os.path.join(run_copy, "summary.json"))["eval"]["eval_loss"]) < 1e-5
 
 
+def test_data_on_gcs(run_copy, gcs_emulator):
+    """--data gs://...: the run's own data copied to a bucket (the GCS emulator, real clients) gives the run's test
+    loss again."""
+    from gcs_emulator import upload_tree
+
+    url = f"gs://{gcs_emulator.bucket}/eval-data"
+    assert upload_tree(str(OmegaConf.load(os.path.join(run_copy, "config.yaml")).data.path), url) > 1
+    proc = _eval(run_copy, "--data", url)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    written = read_json(os.path.join(run_copy, "eval", "12-test.json"))
+    logged = read_json(os.path.join(run_copy, "summary.json"))["eval"]
+    assert written["data"] == url
+    assert abs(written["eval_loss"] - logged["eval_loss"]) < 1e-5 and written["eval_tokens"] == logged["eval_tokens"]
+
+
 def _no_checkpoints(run_dir, tmp_path):
     cfg = OmegaConf.load(os.path.join(run_dir, "config.yaml"))
     cfg.checkpoint.dir = str(tmp_path / "empty-checkpoints")

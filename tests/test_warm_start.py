@@ -158,3 +158,32 @@ def test_fine_tune_starts_from_the_trained_loss_then_resumes_from_its_own_checkp
     ignored = [e for e in events if e["event"] == "init_from_ignored"]
     assert len(ignored) == 1 and ignored[0]["resumed_from_step"] == 4 and ignored[0]["path"] == trained_run
     assert _tree_digest(trained_run) == before  # only read
+
+
+def test_warm_start_from_a_gs_path(tmp_path, trained_run, gcs_emulator, corpus_cache):
+    """init_from=gs://... (what a cloud run needs: its VMs cannot read this machine): the trained run's checkpoint
+    copied to a bucket (the GCS emulator, real clients) is located, shape-checked (a mismatch is one line, exit 2,
+    before anything starts), pinned to its step and restored by the trainer, which starts from the trained loss."""
+    from gcs_emulator import upload_tree
+
+    ckpts = f"gs://{gcs_emulator.bucket}/warm/checkpoints"
+    assert upload_tree(os.path.join(trained_run, "checkpoints", "12"), f"{ckpts}/12") > 0
+    run_dir = tmp_path / "gs-ft"
+    proc = launch(f"run.dir={run_dir}", *TINY, "model.d_model=32", f"checkpoint.init_from={ckpts}", timeout=120)
+    _one_error_line(proc, f"{MISMATCH} {ckpts}/12 but [32, 4, 8] in this model")
+    assert not run_dir.exists()
+
+    trained_loss = read_json(os.path.join(trained_run, "summary.json"))["final_loss"]
+    scratch_loss = _train_losses(trained_run)[0]["loss"]
+    proc = launch("run.name=gs-ft", f"run.dir={run_dir}", *TINY, "cluster.hosts=1", "cluster.devices_per_host=1",
+                  "trainer.steps=2", "optimizer.warmup_steps=1", f"checkpoint.init_from={ckpts}")
+    assert proc.returncode == 0, explain(proc)
+    assert f"[host 0] warm start: parameters of {ckpts} step 12" in proc.stdout
+    first = _train_losses(str(run_dir))[0]
+    assert first["step"] == 1 and first["lr"] == 0.0, first
+    assert abs(first["loss"] - trained_loss) < 0.5 and first["loss"] < scratch_loss - 1.5, (first, trained_loss)
+    summary = read_json(run_dir / "summary.json")
+    assert summary["status"] == "completed" and summary["final_step"] == 2
+    assert summary["init_from"] == {"path": f"{ckpts}/12", "checkpoint_dir": ckpts, "step": 12}
+    with open(run_dir / "config.yaml") as f:
+        assert yaml.safe_load(f)["checkpoint"]["init_from"] == f"{ckpts}/12"
