@@ -150,6 +150,7 @@ def launch(cfg: DictConfig, plan: Plan, started_at: float) -> int:
         run.acquire()
     except RunLive as live:
         return follow(run, live.holder, int(cfg.trainer.steps))
+    mirror = _open_mirror(cfg, run)
     if run.taken_over:
         _take_over(run)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -157,7 +158,24 @@ def launch(cfg: DictConfig, plan: Plan, started_at: float) -> int:
         return _launch(cfg, plan, run, started_at)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if mirror is not None:
+            mirror.close()  # what the end of the launch wrote (summary.json, report.png) reaches the bucket
         run.release()
+
+
+def _open_mirror(cfg: DictConfig, run: RunDir):
+    """A cloud run's run directory is mirrored to its bucket (launcher/mirror.py), where the laptop's commands read
+    it and where it outlives a head VM. First the mirror is pulled: a new head VM resumes the run's history (events,
+    goodput ledger, attempts) where the last one left it. None for a local run, or a cloud run with no bucket."""
+    from launcher import mirror
+
+    url = mirror.url_for(cfg)
+    if url is None:
+        return None
+    warning = mirror.refresh(run.path, cfg)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    return mirror.Mirror(run.path, url).start()
 
 
 def _launch(cfg: DictConfig, plan: Plan, run: RunDir, started_at: float) -> int:
