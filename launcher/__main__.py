@@ -61,6 +61,12 @@ def _run_as_job(cfg, argv) -> int:
     finally:
         if head is not None:
             head.close()
+    if finished:  # the run directory the job left on the head, from its mirror in the bucket
+        from launcher import mirror
+
+        warning = mirror.refresh(cfg.run.dir, cfg)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     if finished and cfg.cluster.delete_on_exit:
         if head is not None:
             head.down()
@@ -103,6 +109,11 @@ def _completed_summary(cfg) -> Optional[dict]:
 
     if not cfg.checkpoint.resume:
         return None
+    from launcher import mirror
+
+    warning = mirror.refresh(cfg.run.dir, cfg)  # a cloud run's directory is on the head: its mirror in the bucket
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     summary = runfiles.read_json(runfiles.path(cfg.run.dir, runfiles.SUMMARY))
     if not isinstance(summary, dict) or summary.get("status") != "completed" \
             or summary.get("final_step") != int(cfg.trainer.steps):

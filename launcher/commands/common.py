@@ -1,6 +1,7 @@
 """What every `tpu-launch` command shares: finding a run (a directory, or a name under --root) and its errors."""
 import argparse
 import os
+import sys
 from typing import List
 
 from launcher.errors import UserError
@@ -26,6 +27,18 @@ def resolve_run(run: str, root: str = DEFAULT_ROOT) -> str:
             return os.path.abspath(candidate)
     raise UserError("RUN", f"no run '{run}' (neither a run directory nor a run under {os.path.abspath(root)})",
                     "pass a run directory, a run name under --root, or see `tpu-launch status` for the runs")
+
+
+def refresh(run_dir: str) -> str:
+    """Every command reads a run directory through this: a cloud run's directory is on its head, so its mirror in the
+    run's bucket is pulled here first (launcher/mirror.py; a local run: nothing). If the mirror cannot be read, one
+    warning line on stderr, and the command goes on with the files here. Returns run_dir."""
+    from launcher import mirror
+
+    warning = mirror.refresh(run_dir)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    return run_dir
 
 
 def all_runs(root: str = DEFAULT_ROOT) -> List[str]:

@@ -3,14 +3,15 @@ the run's latest failure is blamed on, with its first error line and its traceba
 
 Blame is the supervisor's (launcher/blame.py over launcher/classify.py): the hosts' exit codes, reasons and
 phases, in the order their heartbeats recorded them failing. Cloud runs read the same files: the supervisor
-syncs each host's log into the run directory's logs/.
+syncs each host's log into the run directory's logs/ on the head and mirrors them to the run's bucket
+(launcher/mirror.py), pulled here first.
 """
 import sys
 import time
 from datetime import datetime
 
 from launcher.blame import blame, first_error
-from launcher.commands.common import add_root, resolve_run
+from launcher.commands.common import add_root, refresh, resolve_run
 from launcher.errors import UserError
 from launcher.rundir import RunDir
 from trainer import runfiles
@@ -75,7 +76,7 @@ def _first_error(run_dir: str) -> int:
 
 
 def run(args) -> int:
-    run_dir = resolve_run(args.run, args.root)
+    run_dir = refresh(resolve_run(args.run, args.root))
     if args.first_error:
         return _first_error(run_dir)
     if args.host < 0:

@@ -6,7 +6,7 @@ goodput breakdown (productive time and each badput bucket). The launcher draws i
 this draws it again, e.g. for a live run, or one whose supervisor died.
 """
 from launcher import report
-from launcher.commands.common import add_root, resolve_run
+from launcher.commands.common import add_root, refresh, resolve_run
 
 HELP = "write the run's report.png again and print its summary"
 
@@ -17,5 +17,5 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    print("\n".join(report.write(resolve_run(args.run, args.root))))
+    print("\n".join(report.write(refresh(resolve_run(args.run, args.root)))))
     return 0

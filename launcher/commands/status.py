@@ -24,9 +24,9 @@ import sys
 import time
 from typing import List, Optional
 
-from launcher import goodput
+from launcher import goodput, mirror
 from launcher.blame import heartbeats
-from launcher.commands.common import add_root, all_runs, resolve_run
+from launcher.commands.common import add_root, all_runs, refresh, resolve_run
 from launcher.errors import first_line
 from launcher.rundir import RunDir
 from trainer import runfiles
@@ -139,6 +139,7 @@ def _cloud(cfg: dict, launches: List[dict], live: bool, now: float) -> dict:
 
 def run_status(run_dir: str, now: Optional[float] = None) -> dict:
     """The status of one run, as the --json object."""
+    refresh(run_dir)
     now = time.time() if now is None else now
     cfg = _config(run_dir)
     cluster = cfg.get("cluster") or {}
@@ -158,9 +159,13 @@ def run_status(run_dir: str, now: Optional[float] = None) -> dict:
     attempts = [hb["attempt"] for hb in beats.values() if isinstance(hb.get("attempt"), int)]
     current = [hb for hb in beats.values() if attempts and hb.get("attempt") == max(attempts)]
     period = float((cfg.get("watchdog") or {}).get("heartbeat_s") or 1.0)
-    ages = [now - hb["time"] for hb in current if _num(hb.get("time")) is not None]
-    alive_ages = [now - hb["time"] for hb in current if not hb.get("exit") and _num(hb.get("time")) is not None
-                  and now - hb["time"] <= STALE_BEATS * period]
+    # A cloud run's heartbeats here are as of its mirror's last push from the head (launcher/mirror.py): aged from then
+    mirrored_at = mirror.pulled_at(run_dir) if cluster.get("provider", "local") != "local" else None
+    beat_times = [hb["time"] for hb in current if _num(hb.get("time")) is not None]
+    seen = now if mirrored_at is None else min(now, max([mirrored_at, *beat_times]))
+    ages = [seen - t for t in beat_times]
+    alive_ages = [seen - hb["time"] for hb in current if not hb.get("exit") and _num(hb.get("time")) is not None
+                  and seen - hb["time"] <= STALE_BEATS * period]
     expected = _hosts_expected(cluster) or len(current) or None
 
     cloud = None
@@ -202,6 +207,7 @@ def run_status(run_dir: str, now: Optional[float] = None) -> dict:
         "hosts_alive": len(alive_ages), "hosts": expected,
         "heartbeat_age_s": round(max(alive_ages), 1) if alive_ages else (round(min(ages), 1) if ages else None),
         "provider": cluster.get("provider", "local"), "cloud": cloud,
+        "mirror_age_s": round(now - mirrored_at, 1) if mirrored_at is not None else None,
     }
 
 
