@@ -144,26 +144,30 @@ def _kill_group(pgid: int) -> None:
 PROJECT, ZONE = "proj", "us-central2-b"
 
 
-def _cloud_run(run_dir, endpoint, ended):
-    """A cloud run's directory as the laptop has it: the config of run "cloudy", and a launch that began two
-    hours ago (and, `ended`, lasted one hour)."""
-    os.makedirs(run_dir)
-    runfiles.write_atomic(os.path.join(run_dir, runfiles.CONFIG), json.dumps({  # JSON is YAML
-        "run": {"name": "cloudy", "dir": run_dir}, "trainer": {"steps": 100}, "watchdog": {"heartbeat_s": 1.0},
-        "cluster": {"provider": "gcp", "accelerator_type": "v4-8", "num_slices": 1, "hosts": None,
-                    "project": PROJECT, "zone": ZONE, "capacity": "on_demand", "price_on_demand": None,
-                    "price_spot": None, "tpu_api_endpoint": endpoint}}))
+def _cloud_run(run_dir, endpoint, ended, bucket):
+    """A cloud run of run "cloudy" as the laptop has it: only its config.yaml here. Its supervisor, a Ray job on the
+    head, wrote a launch that began two hours ago (and, `ended`, lasted one hour) into the head's run directory and
+    mirrored it to the run's bucket (launcher/mirror.py), which status reads."""
+    from launcher import mirror
+
+    cfg = {"run": {"name": "cloudy", "dir": run_dir}, "trainer": {"steps": 100}, "watchdog": {"heartbeat_s": 1.0},
+           "cluster": {"provider": "gcp", "accelerator_type": "v4-8", "num_slices": 1, "hosts": None,
+                       "project": PROJECT, "zone": ZONE, "capacity": "on_demand", "price_on_demand": None,
+                       "price_spot": None, "tpu_api_endpoint": endpoint, "bucket": bucket}}
+    runfiles.write_atomic(os.path.join(run_dir, runfiles.CONFIG), json.dumps(cfg))  # JSON is YAML
+    head = run_dir + "-on-the-head"
     start = time.time() - 7200
-    events = os.path.join(run_dir, runfiles.EVENTS)
+    events = os.path.join(head, runfiles.EVENTS)
     runfiles.append_jsonl(events, {"event": "command_start", "host": "launcher", "time": start})
     if ended:
         runfiles.append_jsonl(events, {"event": "command_end", "host": "launcher", "time": start + 3600,
                                        "status": "completed"})
-        runfiles.write_json(os.path.join(run_dir, runfiles.SUMMARY), {"status": "completed"})
+        runfiles.write_json(os.path.join(head, runfiles.SUMMARY), {"status": "completed"})
+    mirror.Mirror(head, mirror.url_for(cfg)).push()
     return run_dir
 
 
-def test_cloud_run_queued_resource_state_and_cost(tmp_path):
+def test_cloud_run_queued_resource_state_and_cost(tmp_path, gcs_emulator):
     from cluster.gcp import GcpTpuProvider, make_client
     from tpu_api_server import TpuApiServer
 
@@ -172,8 +176,9 @@ def test_cloud_run_queued_resource_state_and_cost(tmp_path):
                                   progress=lambda _: None)
         provider.ensure("cloudy", "v4-8", "tpu-ubuntu2204-base")
         provider.wait_active("cloudy")
-        ended = _cloud_run(str(tmp_path / "ended"), server.url, ended=True)
-        live = _cloud_run(str(tmp_path / "live"), server.url, ended=False)
+        ended = _cloud_run(str(tmp_path / "ended"), server.url, True, f"gs://{gcs_emulator.bucket}/ended")
+        live = _cloud_run(str(tmp_path / "live"), server.url, False, f"gs://{gcs_emulator.bucket}/live")
+        assert sorted(os.listdir(live)) == [runfiles.CONFIG]
         [st] = status(ended)
         cloud = st["cloud"]
         assert (st["state"], cloud["queued_resource"], cloud["state"]) == ("completed", "cloudy-qr", "ACTIVE")
