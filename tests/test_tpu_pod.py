@@ -24,7 +24,7 @@ from google.cloud import storage
 from ray.cluster_utils import Cluster
 
 from cluster import catalog
-from podutil import ROOT, TINY, explain, launch, read_json, read_jsonl
+from podutil import ROOT, TINY, explain, launch, read_json, read_jsonl, tpu_launch
 from secret_manager_server import SecretManagerServer
 from tpu_api_server import TpuApiServer
 from tpu_vm import BootedHosts
@@ -315,6 +315,17 @@ def test_cloud_run_creates_and_deletes_its_ray_head_vm(gcs_emulator, tmp_path, c
         assert proc.returncode == 0, explain(proc) + f"\nboot errors: {boot_errors}"
         summary = read_json(run_dir / "summary.json")
         assert summary["status"] == "completed" and summary["final_step"] == 2
+        # The run directory outlives the head VM in the run's bucket (launcher/mirror.py): a laptop holding only the
+        # run's config.yaml reads the run's end, step, loss and host logs from there.
+        laptop = tmp_path / "laptop" / "headless"
+        laptop.mkdir(parents=True)
+        (laptop / "config.yaml").write_bytes((run_dir / "config.yaml").read_bytes())
+        seen = tpu_launch("status", "--json", str(laptop))
+        assert seen.returncode == 0, explain(seen)
+        st = json.loads(seen.stdout)
+        assert (st["state"], st["step"], st["cloud"]["state"]) == ("completed", 2, "NOT_FOUND"), st
+        assert st["loss"] == [m for m in read_jsonl(run_dir / "metrics.jsonl") if "loss" in m][-1]["loss"]
+        assert "[host 0] step 2/2" in tpu_launch("logs", str(laptop)).stdout
         insert = compute.insert_bodies[0]
         assert insert["labels"]["launcher-run"] == "headless"
         assert compute.count("DELETE", "instances/headless-head") == 1  # the head VM is gone
