@@ -160,7 +160,8 @@ def test_v4_32_launch_through_tpu_api(tpu_cloud, tmp_path, corpus_cache, gcs_emu
     assert blob.exists()
     # The Ray token (the user's, for this ray.address) reached the VMs through Secret Manager only, readable by the
     # run's service account alone; neither it nor the VMs' access token is anywhere else.
-    assert_no_leaks(run_dir, tmp_path, server, [session_ray_token(), fake_api_token()])
+    assert_no_leaks(run_dir, tmp_path, server, [session_ray_token(), fake_api_token()],
+                    outputs=(proc.stdout, proc.stderr), bucket=gcs_emulator.bucket, prefix="cloud/")
     # The secret was readable by the run's service account alone, and was deleted with the run's resources.
     assert node["metadata"]["ray-token-secret"] == "cloud-v4-ray-token"
     assert any(m == "POST" and p.split("?")[0].endswith("cloud-v4-ray-token:setIamPolicy")
@@ -181,9 +182,21 @@ def fake_api_token() -> str:
     return FAKE_TOKEN
 
 
-def assert_no_leaks(run_dir, tmp_path, api, secrets_, extra_bodies=()):
-    """No file of the run dir or of the fake VMs (logs, scripts), no TPU/Compute API request body and no Secret
-    Manager request but the token's own addVersion holds any of `secrets_`."""
+def assert_no_leaks(run_dir, tmp_path, api, secrets_, extra_bodies=(), outputs=(), bucket=None, prefix=""):
+    """No file of the run dir or of the fake VMs (logs, scripts), no TPU/Compute API request body, no Secret
+    Manager request but the token's own addVersion, nothing the launcher printed (`outputs`: its stdout and
+    stderr) and no object it left under gs://`bucket`/`prefix` (what it and the VMs uploaded to the GCS emulator:
+    data, wheel, lock, checkpoints) holds any of `secrets_`."""
+    for text in outputs:
+        for s in secrets_:
+            assert s not in text, f"{s[:6]}... in the launcher's output"
+    if bucket is not None:
+        blobs = list(storage.Client(project="test").list_blobs(bucket, prefix=prefix))
+        assert blobs, f"nothing under gs://{bucket}/{prefix} to check"
+        for blob in blobs:
+            data = blob.download_as_bytes()
+            for s in secrets_:
+                assert s.encode() not in data, f"{s[:6]}... leaked into gs://{bucket}/{blob.name}"
     token_files = {os.path.realpath(p) for p in (os.path.join(run_dir, "auth", "ray_token"),)}
     for root in (run_dir, tmp_path / "vm-disks", tmp_path / "tpu-vms"):
         for dirpath, _, names in os.walk(root):
@@ -356,7 +369,8 @@ def test_cloud_run_creates_and_deletes_its_ray_head_vm(gcs_emulator, tmp_path, c
         api = state["server"]
         api.secrets = secrets
         assert_no_leaks(run_dir, tmp_path, api, [(keys / "ray_token").read_text().strip(), fake_api_token()],
-                        extra_bodies=compute.insert_bodies)
+                        extra_bodies=compute.insert_bodies, outputs=(proc.stdout, proc.stderr),
+                        bucket=gcs_emulator.bucket, prefix="hl/")
         assert not secrets.secrets
     finally:
         state["server"].stop()
