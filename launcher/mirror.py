@@ -29,6 +29,7 @@ log = logging.getLogger("launcher.mirror")
 
 CHUNK_BYTES = 4 * 1024 * 1024
 PUSH_EVERY_S = 30.0
+CLOSE_TIMEOUT_S = 45.0  # the last push at the end of a launch
 INDEX = runfiles.MIRROR
 MAX_CHUNKS = 1024  # 4 GiB: an index claiming a bigger file is not believed
 VERSION = 1
@@ -125,35 +126,41 @@ class Mirror:
             self._indexed = True
         return changed
 
-    def _push_logged(self) -> None:
+    def _push_logged(self, last: bool = False) -> None:
         try:
             self.push()
             if self._failing:
                 log.warning("run mirror: %s reachable again", self.url)
             self._failing = False
         except Exception as e:  # noqa: BLE001 - the bucket down past the retries: the run goes on, next time again
-            if not self._failing:
+            if last or not self._failing:
+                again = "its previous push stays" if last else f"trying again every {self.every_s:.0f}s"
                 print(f"[launcher] warning: could not mirror the run directory to {self.url}: {first_line(e)} "
-                      f"(trying again every {self.every_s:.0f}s)", flush=True)
+                      f"({again})", flush=True)
             self._failing = True
 
     def start(self) -> "Mirror":
         def loop():
             while not self._stop.wait(self.every_s):
                 self._push_logged()
+            self._push_logged(last=True)  # what the end of the launch wrote
 
         self._push_logged()
         self._thread = threading.Thread(target=loop, name="run-mirror", daemon=True)
         self._thread.start()
         return self
 
-    def close(self) -> None:
-        """Stop the thread and push what the end of the launch wrote (summary, report)."""
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Push what the end of the launch wrote (summary, report), waiting at most timeout_s: a bucket that hangs
+        does not hold the launch's end (nor a Ray job's graceful stop, which allows 60 s past the hosts' grace)."""
+        if self._thread is None:
+            self._push_logged(last=True)
+            return
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self._failing = False
-        self._push_logged()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            print(f"[launcher] warning: the run directory's last push to {self.url} did not finish within "
+                  f"{timeout_s:.0f}s; the bucket holds the one before", flush=True)
 
 
 def pull(run_dir: str, url: str) -> List[str]:

@@ -181,3 +181,47 @@ def test_refresh_of_a_local_run_or_an_unreachable_bucket(tmp_path, monkeypatch):
     warning = mirror.refresh(str(cloud))
     assert warning.startswith("warning: could not read the run's mirror at gs://b/x/runs/cloud/rundir (")
     assert "\n" not in warning and "bucket unreachable" in warning
+
+
+def test_a_bucket_that_fails_or_hangs_does_not_hold_the_launch(tmp_path, capsys):
+    import threading
+    import time
+
+    run_dir = str(tmp_path / "run")
+    runfiles.write_json(os.path.join(run_dir, runfiles.SUMMARY), {"status": "completed"})
+    m = mirror.Mirror(run_dir, "gs://b/x/runs/r/rundir", every_s=0.05)
+
+    class Down:
+        def read_bytes(self, name):
+            raise ConnectionError("503 backend error\nmore")
+
+        write_bytes = read_bytes
+
+    m.store = Down()
+    m.start()
+    time.sleep(0.3)  # several failed pushes: one warning
+    m.close()
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and all(line.startswith("[launcher] warning: could not mirror the run directory to "
+                                                 "gs://b/x/runs/r/rundir: 503 backend error") for line in out)
+    assert out[0].endswith("(trying again every 0s)") and out[1].endswith("(its previous push stays)")
+
+    hung = threading.Event()
+    m = mirror.Mirror(run_dir, "gs://b/x/runs/r/rundir", every_s=3600)
+
+    class Hangs:
+        def read_bytes(self, name):
+            raise FileNotFoundError(name)
+
+        def write_bytes(self, name, data):
+            if m._stop.is_set():
+                hung.wait(30)
+
+    m.store = Hangs()
+    m.start()
+    runfiles.write_json(os.path.join(run_dir, runfiles.SUMMARY), {"status": "stopped"})  # the end of the launch
+    t0 = time.time()
+    m.close(timeout_s=0.5)
+    assert time.time() - t0 < 5
+    assert "did not finish within 0s; the bucket holds the one before" in capsys.readouterr().out
+    hung.set()
