@@ -2,11 +2,13 @@
 reads what the first compiled, on every host; `off` reads and writes nothing; a bad value stops before anything."""
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
 from launcher.__main__ import main
-from podutil import TINY, explain, launch, read_jsonl
+from podutil import ROOT, TINY, explain, launch, read_jsonl
 from trainer.compile_cache import directory
 
 BAD = [("", "got ''"), ("runs/jax", "got 'runs/jax'"), ("gs://bucket/jax", "got 'gs://bucket/jax'")]
@@ -31,6 +33,19 @@ def test_directory_is_per_process_on_this_hosts_disk(tmp_path, monkeypatch):
     assert directory("/var/cache/jax", 1) == "/var/cache/jax/process-1"
     assert directory("~/jax") == os.path.join(os.path.expanduser("~"), "jax", "process-0")
     assert directory("off", 0) is None and directory(None, 0) is None  # None: a config written before the key
+
+
+def test_off_wins_over_jax_own_environment_variable(tmp_path):
+    """A process with trainer.compile_cache=off reads and writes no cache, even with JAX_COMPILATION_CACHE_DIR set."""
+    code = ("import jax, jax.numpy as jnp\n"
+            "from trainer import compile_cache\n"
+            "assert compile_cache.enable('off') is None\n"
+            "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+            "jax.jit(lambda x: x * 2)(jnp.ones(3)).block_until_ready()\n")
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax"), "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert not os.path.exists(tmp_path / "jax") or os.listdir(tmp_path / "jax") == []
 
 
 def _entries(root):

@@ -5,7 +5,8 @@
 absolute directory (`/PATH` or `~/PATH`, expanded on each host). Each process uses the subdirectory
 `process-<JAX process id>` of it, so every attempt and every launch of a run on a host finds what that host
 compiled before (as does any other run of the same program there). The one-process commands (eval, generate)
-use `process-0`. A run config without the key (written before it existed) compiles without the cache.
+use `process-0`. `off` turns jax's cache off, even where JAX_COMPILATION_CACHE_DIR is set. A run config without
+the key (written before it existed) compiles as jax would without it.
 
 Why an entry is never reused for another program (read in jax 0.10.2's jax/_src/cache_key.py): the key is a
 SHA-256 over the StableHLO module with debug info stripped (every shape, dtype and sharding annotation, so any
@@ -54,6 +55,10 @@ def enable(setting: Optional[str], process_id: int = 0) -> Optional[str]:
     global _enabled_dir
     path = directory(setting, process_id)
     if path is None:
+        if setting is not None:  # off: also a JAX_COMPILATION_CACHE_DIR from the environment
+            import jax
+
+            jax.config.update("jax_enable_compilation_cache", False)
         return None
     try:
         os.makedirs(path, exist_ok=True)
