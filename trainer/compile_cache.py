@@ -1,59 +1,62 @@
-"""The persistent JAX compilation cache of one process (trainer.compile_cache): a directory on this host's own disk.
+"""The persistent JAX compilation cache (trainer.compile_cache): one directory on this host's own disk.
 
 `trainer.compile_cache` is `auto` (the default: $TPU_LAUNCHER_CACHE/jax-compile, else
 ~/.cache/tpu-launcher/jax-compile, on the host the process runs on: local disk on a TPU VM too), `off`, or an
-absolute directory (`/PATH` or `~/PATH`, expanded on each host). Each process uses the subdirectory
-`process-<JAX process id>` of it, so every attempt and every launch of a run on a host finds what that host
-compiled before (as does any other run of the same program there). The one-process commands (eval, generate)
-use `process-0`. `off` turns jax's cache off, even where JAX_COMPILATION_CACHE_DIR is set. A run config without
-the key (written before it existed) compiles as jax would without it.
+absolute directory (`/PATH` or `~/PATH`, expanded on each host). Every attempt and every launch of a run on a host
+finds what was compiled there before (as does any other run of the same program there, and eval/generate).
+A run config without the key (written before it existed) compiles without the cache.
 
-Why an entry is never reused for another program (read in jax 0.10.2's jax/_src/cache_key.py): the key is a
-SHA-256 over the StableHLO module with debug info stripped (every shape, dtype and sharding annotation, so any
-change of model, batch or mesh), the compile options (device assignment, partition count, SPMD and debug
-options), the devices' topology fingerprint (or their kinds), the platform and its version, the jaxlib version
-and the XLA flags (XLA_FLAGS, LIBTPU_INIT_ARGS; a device-count flag excepted).
+Two layers, public APIs only:
+- jax's own persistent cache (jax_compilation_cache_dir) for every program. jax 0.10.2 writes its entries from
+  JAX process 0 only (it expects one directory every host shares), and on CPU a program's key differs from one
+  process to the next (compile options and device topology carry the process), so of a multi-process run only
+  process 0 ever hits it.
+- so the steps that cost the compile time, the train and eval steps, are also kept per process: `Persistent`
+  lowers a jitted step on its first call, and loads its executable from `aot/<key>` (written by this process in
+  an earlier attempt or launch, through jax.experimental.serialize_executable) or compiles it and writes it there,
+  atomically. The key is a SHA-256 of the lowered program's text (shapes, dtypes, shardings), this process's id
+  and device ids, the jax/jaxlib versions and the XLA flags.
 
-Two things of jax 0.10.2's own cache this module changes (jax/_src/compiler.py, jax/_src/lru_cache.py), so that
-the cache works per host: (1) jax writes entries from process 0 only (it expects one directory shared by all
-hosts, e.g. on GCS), so with a cache on each host's own disk the other hosts would never get any: here every
-process writes its own; (2) jax writes an entry in place (open + write), so a process killed mid-write leaves a
-truncated entry that jax then warns about and never replaces: here an entry is written to a temporary file and
-renamed into place, so a reader (another run on this machine, a later attempt) sees a whole entry or none.
-With a jax where the hooks differ, the cache still works with jax's own behaviour, and a warning says so.
-A cache that cannot be used (a directory that cannot be created) is a warning too: the run compiles as before.
+Why an entry is never reused for another program (jax 0.10.2's jax/_src/cache_key.py): the key is a SHA-256 over
+the StableHLO module with debug info stripped (every shape, dtype and sharding annotation, so any change of model,
+batch or mesh), the compile options (device assignment, partition count), the devices' topology or kinds, the
+platform and its version, the jaxlib version and the XLA flags (a device-count flag excepted).
+A cache that cannot be used (a directory that cannot be created) is a warning: the run compiles as before.
 """
+import hashlib
 import logging
 import os
+import pickle
 import threading
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 from trainer.cache import cache_dir
+from trainer.errors import first_line
+from trainer.runfiles import write_atomic
 
 log = logging.getLogger("trainer.compile_cache")
 
 AUTO, OFF = "auto", "off"
 _EVENTS = {"/jax/compilation_cache/compile_requests_use_cache": "requests",
            "/jax/compilation_cache/cache_hits": "hits",
-           "/jax/compilation_cache/cache_misses": "writes"}  # jax records a "miss" when it writes the entry
-_counts: Dict[str, int] = {}
+           "/jax/compilation_cache/cache_misses": "writes"}  # jax records a "miss" when it writes an entry
+_counts: Dict[str, int] = {}  # also "steps_loaded" / "steps_compiled": Persistent's own
 _lock = threading.Lock()
 _enabled_dir: Optional[str] = None
 
 
-def directory(setting: Optional[str], process_id: int = 0) -> Optional[str]:
-    """This process's cache directory for a trainer.compile_cache setting; None when off (or unset)."""
+def directory(setting: Optional[str]) -> Optional[str]:
+    """The cache directory for a trainer.compile_cache setting on this host; None when off (or unset)."""
     if setting is None or str(setting) == OFF:
         return None
-    base = cache_dir("jax-compile") if str(setting) == AUTO else os.path.expanduser(str(setting))
-    return os.path.join(base, f"process-{int(process_id)}")
+    return cache_dir("jax-compile") if str(setting) == AUTO else os.path.expanduser(str(setting))
 
 
-def enable(setting: Optional[str], process_id: int = 0) -> Optional[str]:
+def enable(setting: Optional[str]) -> Optional[str]:
     """Turn the persistent cache on for this process before its first compile; returns its directory (None: off).
     Compile requests, hits and writes from then on are counted (stats())."""
     global _enabled_dir
-    path = directory(setting, process_id)
+    path = directory(setting)
     if path is None:
         if setting is not None:  # off: also a JAX_COMPILATION_CACHE_DIR from the environment
             import jax
@@ -71,7 +74,6 @@ def enable(setting: Optional[str], process_id: int = 0) -> Optional[str]:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # default 1 s: most programs here are faster
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    _install_hooks()
     if _enabled_dir is None:
         jax.monitoring.register_event_listener(_count)
     _enabled_dir = path
@@ -79,9 +81,10 @@ def enable(setting: Optional[str], process_id: int = 0) -> Optional[str]:
 
 
 def stats() -> Dict[str, object]:
-    """{"dir", "requests", "hits", "writes"} since enable(); {"dir": None} when the cache is off."""
+    """{"dir", "requests", "hits", "writes"} of jax's cache and {"steps_loaded", "steps_compiled"} of Persistent
+    since enable(); {"dir": None} when the cache is off."""
     with _lock:
-        counts = {name: _counts.get(name, 0) for name in _EVENTS.values()}
+        counts = {name: _counts.get(name, 0) for name in (*_EVENTS.values(), "steps_loaded", "steps_compiled")}
     return {"dir": _enabled_dir, **counts} if _enabled_dir else {"dir": None}
 
 
@@ -92,65 +95,52 @@ def _count(event: str, **_) -> None:
             _counts[name] = _counts.get(name, 0) + 1
 
 
-_hooks_installed = False
-_WRITE_PARAMS = ("cache_key", "compile_time_secs", "module_name", "backend", "executable", "host_callbacks")
+def _count_step(name: str) -> None:
+    with _lock:
+        _counts[name] = _counts.get(name, 0) + 1
 
 
-def _install_hooks() -> None:
-    global _hooks_installed
-    if _hooks_installed:
-        return
-    import inspect
+class Persistent:
+    """A jitted step whose executable this process keeps in the cache directory across attempts and launches.
+    Called like the jitted function, always with arguments of the same shapes and shardings (a train or eval
+    step); with the cache off it is the jitted function itself."""
 
-    try:
-        from jax._src import compilation_cache, compiler
-        from jax._src import config as jax_config
-        from jax._src.lru_cache import LRUCache
+    def __init__(self, jitted: Callable, name: str):
+        self.jitted, self.name = jitted, name
+        self.compiled = None
 
-        params = tuple(inspect.signature(compiler._cache_write).parameters)
-        file_cache_params = tuple(inspect.signature(compilation_cache.get_file_cache).parameters)
-    except (ImportError, AttributeError, ValueError) as e:
-        log.warning("compile cache: jax's cache internals differ from jax 0.10.2's (%s): only process 0 writes "
-                    "entries, in place", e)
-        return
-    if params != _WRITE_PARAMS or file_cache_params != ("path",):
-        log.warning("compile cache: jax's cache internals differ from jax 0.10.2's: only process 0 writes "
-                    "entries, in place")
-        return
+    def __call__(self, *args):
+        if _enabled_dir is None:
+            return self.jitted(*args)
+        if self.compiled is None:
+            self.compiled = self._load_or_compile(args)
+        return self.compiled(*args)
 
-    class AtomicFileCache(LRUCache):
-        """jax's file cache (no size limit) whose entries appear whole: written aside, then renamed."""
+    def _load_or_compile(self, args):
+        import jax
+        import jaxlib
+        from jax.experimental import serialize_executable
 
-        def put(self, key: str, value: bytes) -> None:
-            if not key:
-                raise ValueError("key cannot be empty")
-            final = os.path.join(str(self.path), f"{key}-cache")  # jax's LRUCache file name: get() reads it
-            if os.path.exists(final):
-                return
-            tmp = f"{final}.tmp-{os.getpid()}-{threading.get_ident()}"
+        lowered = self.jitted.lower(*args)
+        key = hashlib.sha256("\n".join([
+            lowered.as_text(), f"process {jax.process_index()} of {jax.process_count()}",
+            " ".join(f"{d.id}@{d.process_index}" for d in jax.devices()), jax.__version__,
+            jaxlib.__version__, os.environ.get("XLA_FLAGS", ""),
+            os.environ.get("LIBTPU_INIT_ARGS", "")]).encode()).hexdigest()
+        path = os.path.join(_enabled_dir, "aot", f"{self.name}-{key}")
+        if os.path.exists(path):
             try:
-                with open(tmp, "wb") as f:
-                    f.write(value)
-                os.replace(tmp, final)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-
-    def get_file_cache(path):
-        return AtomicFileCache(path, max_size=-1), path
-
-    def cache_write(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks):
-        """jax's _cache_write without its process-0 rule: each process writes to its own host's directory."""
-        if host_callbacks:  # baked into the program: not reusable by another process (jax skips these too)
-            return
-        if compile_time_secs < jax_config.persistent_cache_min_compile_time_secs.value:
-            return
+                with open(path, "rb") as f:
+                    payload, in_tree, out_tree = pickle.load(f)
+                compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+                _count_step("steps_loaded")
+                return compiled
+            except Exception as e:  # noqa: BLE001 - a damaged or foreign entry: compile and replace it
+                log.warning("compile cache: could not load %s (%s); compiling it again", path, first_line(e))
+        compiled = lowered.compile()
+        _count_step("steps_compiled")
         try:
-            compilation_cache.put_executable_and_time(cache_key, module_name, executable, backend,
-                                                      int(compile_time_secs))
-        except Exception as e:  # noqa: BLE001 - like jax: a cache that cannot be written never stops a compile
-            log.warning("compile cache: could not write the entry for %s: %s: %s", module_name, type(e).__name__, e)
-
-    compilation_cache.get_file_cache = get_file_cache
-    compiler._cache_write = cache_write
-    _hooks_installed = True
+            write_atomic(path, pickle.dumps(serialize_executable.serialize(compiled)))
+        except Exception as e:  # noqa: BLE001 - a cache that cannot be written never stops a run
+            log.warning("compile cache: could not write %s: %s", path, first_line(e))
+        return compiled

@@ -152,8 +152,9 @@ class Loop:
         progress.info("model %s: %d params | mesh %s | %d hosts x %d devices | batch %d (this host %d rows)",
                       cfg.model.name, n_params, dict(self.mesh.shape), jax.process_count(),
                       jax.local_device_count(), self.batch, self.local_batch)
-        self.train_step = make_train_step(self.model, self.tx, self.schedule, self.mesh, shardings)
-        self.eval_step = make_eval_step(self.model, self.mesh, shardings)
+        self.train_step = compile_cache.Persistent(
+            make_train_step(self.model, self.tx, self.schedule, self.mesh, shardings), "train_step")
+        self.eval_step = compile_cache.Persistent(make_eval_step(self.model, self.mesh, shardings), "eval_step")
         ev("ready", step=start_step, since_start_s=round(time.time() - self.start_time, 4))
         self.goodput("start_step", step=start_step)
         self.beat(step=start_step, phase=PHASE_COMPILE)

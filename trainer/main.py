@@ -74,7 +74,7 @@ def main(argv=None) -> int:
            megascale={k: v for k, v in sorted(os.environ.items()) if k.startswith("MEGASCALE_")})
     from trainer import compile_cache
 
-    compile_cache.enable(cfg.trainer.get("compile_cache"), args.process_id)  # before anything compiles
+    compile_cache.enable(cfg.trainer.get("compile_cache"))  # before anything compiles
     try:
         init_s = distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                         int(cfg.trainer.init_timeout_s))
