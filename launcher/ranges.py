@@ -20,6 +20,7 @@ CAPACITIES = ("on_demand", "spot", "reserved")
 DTYPES = ("float32", "bfloat16")
 POSITIONS = ("rotary", "learned")
 REMAT = ("none", "full", "dots_saveable")  # trainer/model.py REMAT_POLICIES
+ATTENTION = ("auto", "xla", "splash")  # trainer/model.py ATTENTION
 OPTIMIZERS = ("adamw",)  # trainer/optim.py builds AdamW whatever the name says
 TPU_VERSIONS = tuple(sorted({t.version for t in catalog.all_types()}))
 SSH_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")  # a POSIX (useradd) user name
@@ -152,6 +153,7 @@ RANGES: Dict[str, Range] = {
     "model.dtype": choice(DTYPES, "dtype"),
     "model.scan_layers": BOOL,
     "model.remat": choice(REMAT, "remat policy"),
+    "model.attention": choice(ATTENTION, "attention"),
 
     "data.name": unchecked("free-form: set by the data= group; validate.check_data needs data.path unless 'stdlib'"),
     "data.path": unchecked("checked by validate.check_data: a local dir or gs:// prefix holding manifest.json"),

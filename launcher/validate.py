@@ -157,6 +157,13 @@ def check_model(cfg: DictConfig, mesh: Dict[str, int]) -> None:
     if m.positions == "rotary" and (m.d_model // m.n_heads) % 2:
         raise UserError("model.n_heads", "rotary positions need an even head dimension (d_model / n_heads)",
                         "change n_heads or use model.positions=learned")
+    if m.attention == "splash":
+        if cfg.cluster.provider == "local":
+            raise UserError("model.attention", "splash is a TPU kernel and a local pod runs on CPU",
+                            "use model.attention=auto (splash on TPU, XLA's attention elsewhere) or xla")
+        if m.seq_len % 128:
+            raise UserError("model.attention", f"the splash kernel needs model.seq_len a multiple of 128, got "
+                            f"{m.seq_len}", "use model.attention=auto or xla, or such a seq_len")
     t, f = mesh["tensor"], mesh["fsdp"]
     for key, value, axis, size in (("model.n_heads", m.n_heads, "tensor", t), ("model.d_ff", m.d_ff, "tensor", t),
                                    ("model.vocab_size", m.vocab_size, "tensor", t),

@@ -118,6 +118,7 @@ def bad_cases(t):
         (["data=shards"], "data.path"),
         ([f"checkpoint.dir={t}/a_file"], "checkpoint.dir"),
         (["run.name=a/b"], "run.name"),
+        (["model.attention=splash"], "model.attention: splash is a TPU kernel"),  # the local pod runs on CPU
     ]
 
 

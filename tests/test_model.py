@@ -315,3 +315,39 @@ def test_train_steps_on_a_repeated_batch_reduce_the_loss():
     assert losses[0] == pytest.approx(np.log(spec.vocab_size), rel=0.1)  # near-uniform at init
     assert losses[-1] < losses[0] - 0.5
     assert lrs[0] == 0.0 and lrs[2] == pytest.approx(1e-2)  # metrics["lr"] is the lr of that step
+
+
+# ---- model.attention: the Pallas splash kernel (TPU) and its fallback ----
+
+def test_splash_kernel_computes_what_xla_attention_computes():
+    """The splash path (shard_map over the batch and heads axes, the kernel per device, q scaled by 1/sqrt(d)) in
+    the Pallas interpreter on CPU devices: outputs and q/k/v gradients equal causal jax.nn.dot_product_attention."""
+    from trainer.model import splash_attention
+
+    mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 2}, jax.devices()[:4])
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v, w = (jax.random.normal(key, (2, 256, 4, 64), jnp.float32) for key in keys)
+    splash = lambda q, k, v: jnp.sum(splash_attention(q, k, v, mesh, interpret=True) * w)  # noqa: E731
+    xla = lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(q, k, v, is_causal=True) * w)  # noqa: E731
+    out = jax.jit(lambda q, k, v: splash_attention(q, k, v, mesh, interpret=True))(q, k, v)
+    np.testing.assert_allclose(out, jax.nn.dot_product_attention(q, k, v, is_causal=True), atol=1e-5)
+    grads = jax.jit(jax.grad(splash, argnums=(0, 1, 2)))(q, k, v), jax.grad(xla, argnums=(0, 1, 2))(q, k, v)
+    for got, want in zip(*grads):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_attention_auto_is_xla_off_tpu_and_splash_there_is_an_error():
+    from trainer.model import splash_problem, use_splash
+
+    mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:2])
+    spec = tiny_spec()
+    assert spec.attention == "auto"  # the schema's default
+    assert not use_splash(spec, mesh, 256) and not use_splash(spec, None, 256)
+    assert splash_problem(spec, mesh, 256) == "the mesh's devices are cpu, not TPU"
+    toks = tokens_for(spec, batch=2, length=SEQ)
+    auto = TransformerLM(spec, mesh)
+    params = auto.init(jax.random.key(0), toks)["params"]  # init never takes the kernel
+    np.testing.assert_array_equal(auto.apply({"params": params}, toks),
+                                  TransformerLM(spec).apply({"params": params}, toks))
+    with pytest.raises(ValueError, match="model.attention=splash: the mesh's devices are cpu, not TPU"):
+        TransformerLM(dataclasses.replace(spec, attention="splash"), mesh).apply({"params": params}, toks)

@@ -56,7 +56,7 @@ def evaluate(checkpoint_dir: str, step: Optional[int], spec: ModelSpec, data_pat
     mesh = eval_mesh(spec, global_batch)
     params, step = restore_params(checkpoint_dir, step, mesh, spec)
     shardings = jax.tree_util.tree_map(lambda x: x.sharding, abstract_params(mesh, spec))
-    eval_step = _make_eval_step(TransformerLM(spec), mesh, shardings)
+    eval_step = _make_eval_step(TransformerLM(spec, mesh), mesh, shardings)
     sharding = batch_sharding(mesh)
     totals = {"loss_sum": 0.0, "correct": 0.0, "top5": 0.0, "tokens": 0.0}
     for batch in eval_batches(data_path, split, global_batch, seq_len, 0, 1, max_batches, manifest=manifest):

@@ -45,7 +45,7 @@ class Loop:
         self.mesh = make_mesh({"dcn": cfg.mesh.get("dcn", 1), "data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp,
                                "tensor": cfg.mesh.tensor})
         self.spec = ModelSpec.from_config(cfg.model)
-        self.model = TransformerLM(self.spec)
+        self.model = TransformerLM(self.spec, self.mesh)  # the mesh: model.attention=auto picks splash on TPU
         self.steps = int(cfg.trainer.steps)
         self.batch = int(cfg.trainer.batch_size)
         self.seq_len = int(cfg.model.seq_len)

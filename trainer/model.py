@@ -6,17 +6,26 @@ param tree and the training forward pass (no cache) are exactly what they were.
 `scan_layers` runs the blocks as one `nn.scan` (parameters stacked on a leading `layers` axis), so compile time
 does not grow with depth; `remat` recomputes each block's activations in the backward pass (jax.checkpoint with
 a policy) so big models fit.
+`attention` picks the training path's attention: `xla` (jax.nn.dot_product_attention), `splash` (the Pallas
+splash-attention TPU kernel, one call per device under shard_map over the batch and heads axes) or `auto` (splash
+when the model is given a mesh of TPU devices and the shapes allow it, else xla). The KV-cache decode path always
+uses jax.nn.dot_product_attention.
 """
 from dataclasses import dataclass
+from functools import partial
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # What a block keeps for the backward pass: everything (none), only its inputs (full), or its matmul outputs.
 REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
                   "dots_saveable": jax.checkpoint_policies.dots_saveable}
+ATTENTION = ("auto", "xla", "splash")
+SPLASH_BLOCKS = (512, 256, 128)  # the splash kernel's q/kv block: the largest of these that divides seq_len
 
 
 @dataclass(frozen=True)
@@ -31,13 +40,17 @@ class ModelSpec:
     dtype: str = "float32"
     scan_layers: bool = False
     remat: str = "none"
+    attention: str = "auto"
+    # Not a config key: nn.scan's unroll (layers per loop iteration). The pre-flight compiles a scanned step once
+    # more with 2 to measure one layer's cost, which XLA's cost analysis counts only once for a loop.
+    scan_unroll: int = 1
 
     @classmethod
     def from_config(cls, m) -> "ModelSpec":
         return cls(vocab_size=int(m.vocab_size), d_model=int(m.d_model), n_layers=int(m.n_layers),
                    n_heads=int(m.n_heads), d_ff=int(m.d_ff), max_seq_len=int(m.max_seq_len),
                    positions=str(m.positions), dtype=str(m.dtype), scan_layers=bool(m.scan_layers),
-                   remat=str(m.remat))
+                   remat=str(m.remat), attention=str(m.get("attention", "auto")))
 
     @property
     def head_dim(self) -> int:
@@ -70,8 +83,72 @@ class RMSNorm(nn.Module):
         return (y * scale).astype(x.dtype)
 
 
+def splash_block(seq_len: int) -> Optional[int]:
+    return next((b for b in SPLASH_BLOCKS if seq_len % b == 0), None)
+
+
+def splash_problem(spec: ModelSpec, mesh, seq_len: int, batch: Optional[int] = None) -> Optional[str]:
+    """Why the splash kernel cannot run this model's training attention on this mesh (None: it can)."""
+    if mesh is None:
+        return "the model was given no device mesh"
+    platforms = sorted({d.platform for d in mesh.devices.flat})
+    if platforms != ["tpu"]:
+        return f"the mesh's devices are {'/'.join(platforms)}, not TPU"
+    if splash_block(seq_len) is None:
+        return f"seq_len {seq_len} is not a multiple of {SPLASH_BLOCKS[-1]}"
+    sizes = dict(mesh.shape)
+    tensor = int(sizes.get("tensor", 1))
+    if spec.n_heads % tensor:
+        return f"n_heads {spec.n_heads} is not divisible by mesh.tensor {tensor}"
+    rows = 1
+    for axis in ("dcn", "data", "fsdp"):
+        rows *= int(sizes.get(axis, 1))
+    if batch is not None and batch % rows:
+        return f"a batch of {batch} rows is not divisible by the mesh's {rows} batch shards"
+    return None
+
+
+def use_splash(spec: ModelSpec, mesh, seq_len: int, batch: Optional[int] = None) -> bool:
+    """model.attention resolved for this mesh and shape; `splash` that cannot run raises ValueError."""
+    if spec.attention == "xla":
+        return False
+    problem = splash_problem(spec, mesh, seq_len, batch)
+    if spec.attention == "splash" and problem:
+        raise ValueError(f"model.attention=splash: {problem} (use model.attention=auto or xla)")
+    return problem is None
+
+
+def splash_attention(q, k, v, mesh, interpret: bool = False):
+    """Causal attention through the Pallas splash kernel: q, k, v [batch, length, heads, head_dim] sharded over the
+    mesh's batch axes and (heads) tensor axis; each device runs the kernel on its own rows and heads (shard_map).
+    interpret=True runs the kernel in the Pallas interpreter (any backend; tests)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    length, heads, head_dim = q.shape[1], q.shape[2], q.shape[3]
+    names = tuple(mesh.axis_names)
+    batch_axes = tuple(a for a in ("dcn", "data", "fsdp") if a in names)
+    tensor = int(dict(mesh.shape).get("tensor", 1))
+    local_heads = heads // tensor
+    block = splash_block(length)
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(local_heads)])
+    kernel = sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    spec = P(batch_axes, None, "tensor" if "tensor" in names else None, None)
+
+    @partial(jax.shard_map, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+    def per_device(q, k, v):  # [b, l, h, d] -> the kernel's [h, l, d] per row
+        q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
+        out = jax.vmap(kernel)(*(x.transpose(0, 2, 1, 3) for x in (q, k, v)))
+        return out.transpose(0, 2, 1, 3)
+
+    return per_device(q, k, v)
+
+
 class Attention(nn.Module):
     spec: ModelSpec
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, x, positions, cache=None):
@@ -84,7 +161,10 @@ class Attention(nn.Module):
             q, k = rotary(q, positions), rotary(k, positions)
         # jax.nn.dot_product_attention: the fused (or, on TPU, the compiler's own) attention instead of a score
         # tensor built by hand; softmax in float32 either way.
-        if cache is None:
+        # init (a batch of 1, only the parameters' shapes matter) always takes XLA's attention
+        if cache is None and not self.is_initializing() and use_splash(s, self.mesh, x.shape[1], x.shape[0]):
+            out = splash_attention(q, k, v, self.mesh)
+        elif cache is None:
             out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         else:
             k, v, mask, cache = _cached_kv(cache, k, v)
@@ -123,10 +203,11 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     spec: ModelSpec
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, x, positions, cache=None):
-        h = Attention(self.spec, name="attn")(RMSNorm(name="ln_attn")(x), positions, cache)
+        h = Attention(self.spec, self.mesh, name="attn")(RMSNorm(name="ln_attn")(x), positions, cache)
         h, cache = (h, None) if cache is None else h
         x = x + h
         x = x + MLP(self.spec, name="mlp")(RMSNorm(name="ln_mlp")(x))
@@ -144,10 +225,11 @@ def _block_class(spec: ModelSpec):
 class _ScanBody(nn.Module):
     """One layer of the scanned stack: carry x, per-layer cache slice in, per-layer cache slice out."""
     spec: ModelSpec
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, x, positions, shared, layer):
-        block = _block_class(self.spec)(self.spec, name="block")
+        block = _block_class(self.spec)(self.spec, self.mesh, name="block")
         if layer is None:
             return block(x, positions), None
         x, cache = block(x, positions, {**layer, **shared})
@@ -158,9 +240,11 @@ class TransformerLM(nn.Module):
     """tokens [batch, length] int32 -> logits [batch, length, vocab] float32.
 
     Decoding: with `cache` (init_cache's layout, `index` the slot of tokens[:, 0]) and per-row `positions`, it
-    returns (logits, updated cache)."""
+    returns (logits, updated cache). `mesh`: the device mesh the step runs on (model.attention=auto picks the
+    splash kernel on a TPU mesh); None: no mesh known, XLA's attention."""
 
     spec: ModelSpec
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, tokens, positions=None, cache=None):
@@ -176,13 +260,14 @@ class TransformerLM(nn.Module):
         shared = None if cache is None else {"index": cache["index"], "start": cache["start"]}
         if s.scan_layers:
             stack = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast, 0), length=s.n_layers,
+                            in_axes=(nn.broadcast, nn.broadcast, 0), length=s.n_layers, unroll=s.scan_unroll,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, layers = stack(s, name="blocks")(x, positions, shared, None if cache is None else cache["layers"])
+            x, layers = stack(s, self.mesh, name="blocks")(x, positions, shared,
+                                                           None if cache is None else cache["layers"])
         else:
             layers = []
             for i in range(s.n_layers):
-                block = _block_class(s)(s, name=f"block_{i}")
+                block = _block_class(s)(s, self.mesh, name=f"block_{i}")
                 if cache is None:
                     x = block(x, positions)
                 else:
