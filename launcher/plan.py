@@ -1,4 +1,5 @@
-"""The launch plan: topology, mesh, memory per chip (from the TPU compiler, or analytic), cost and step time.
+"""The launch plan: topology, mesh, memory per chip (from the TPU compiler, or analytic), cost and step time, and
+the compiled step's FLOPs and the MFU XLA's cost model implies for it (trainer/preflight.py).
 
 `launcher.dry_run=true` writes it to ${run.dir}/plan.json and stops; a cloud launch computes it first and
 refuses to provision a step that does not fit in the chips' HBM.
@@ -18,6 +19,11 @@ from launcher.validate import Plan
 from trainer import runfiles
 
 GiB = 1024 ** 3
+# The compiled step's cost from the pre-flight: XLA's FLOPs per device (loop-corrected; a Mosaic kernel's count
+# zero), the splash kernel's, the whole step's, trainer/flops.py's model FLOPs, XLA's cost-model step time and
+# with the kernel at peak, and the MFU / HFU that time implies at the catalog's peak.
+COST_KEYS = ("xla_flops_per_device", "kernel_flops_per_device", "compiled_flops_per_step", "model_flops_per_step",
+             "xla_step_s", "implied_step_s", "implied_mfu", "implied_hfu")
 
 
 def tpu_compiler_installed() -> bool:
@@ -58,10 +64,13 @@ def make_plan(cfg: DictConfig, plan: Plan, compile: bool = True) -> dict:
         "devices": plan.devices, "mesh": plan.mesh, "params": pre.get("params"),
         "est_hbm_bytes_per_chip": pre.get("est_hbm_bytes_per_chip"),
         "hbm_bytes_per_chip": tpu.hbm_bytes_per_chip if tpu else None,
+        "peak_flops_per_chip": tpu.peak_bf16_flops_per_chip if tpu else None,
         "preflight": pre.get("preflight"), "compile_s": pre.get("compile_s", 0.0),
         "largest_buffers": pre.get("largest_buffers", []),
-        "cost_per_hour_usd": None, "est_step_time_s": None,
+        "cost_per_hour_usd": None, "est_step_time_s": None, "attention": pre.get("attention"),
     }
+    for key in COST_KEYS:
+        out[key] = pre.get(key)
     out["fits"] = (out["est_hbm_bytes_per_chip"] <= out["hbm_bytes_per_chip"]
                    if tpu and out["est_hbm_bytes_per_chip"] is not None else None)
     if tpu is not None:
@@ -91,8 +100,19 @@ def describe(p: dict) -> str:
     if p["cost_per_hour_usd"]:
         c = p["cost_per_hour_usd"]
         lines.append(f"  cost: ${c['on_demand']:.2f}/h on demand, ${c['spot']:.2f}/h spot")
+    if p.get("compiled_flops_per_step"):
+        kernel = " + splash kernel" if p.get("kernel_flops_per_device") else ""
+        lines.append(f"  compiled step: {p['compiled_flops_per_step']:.3e} FLOPs (XLA cost analysis{kernel}) vs model "
+                     f"{p['model_flops_per_step']:.3e} (6N x tokens + causal attention)")
+        peak = f" of {p['peak_flops_per_chip'] / 1e12:g} TFLOP/s per chip" if p.get("peak_flops_per_chip") else ""
+        lines.append(f"  XLA cost model: {p['implied_step_s']:.3g}s per step -> MFU {p['implied_mfu']:.1%} "
+                     f"(HFU {p['implied_hfu']:.1%}) at the catalog's peak{peak}" if p.get("implied_step_s") else
+                     "  XLA cost model: no step time for this program (no MFU)")
+    elif p.get("model_flops_per_step"):
+        lines.append(f"  model FLOPs per step: {p['model_flops_per_step']:.3e} (no XLA cost analysis: "
+                     f"{p['preflight']})")
     if p["est_step_time_s"]:
-        lines.append(f"  est. step time at 40% MFU: {p['est_step_time_s']:.4f}s")
+        lines.append(f"  est. step time at 40% MFU: {p['est_step_time_s']:.3g}s")
     return "\n".join(lines)
 
 

@@ -36,6 +36,15 @@ def test_dry_run_plan(cluster, tmp_path, corpus_cache):
     assert 0 < plan["est_hbm_bytes_per_chip"] < plan["hbm_bytes_per_chip"] and plan["fits"] is True
     assert plan["cost_per_hour_usd"]["spot"] < plan["cost_per_hour_usd"]["on_demand"]
     assert plan["est_step_time_s"] > 0
+    assert plan["model_flops_per_step"] > 0  # trainer/flops.py: 6N x tokens + causal attention
+    if plan["preflight"] == "tpu-compiler":  # XLA's cost analysis of the compiled step, and the MFU it implies
+        assert plan["compiled_flops_per_step"] > 0 and "compiled step:" in proc.stdout
+        if plan["num_slices"] == 1:
+            assert plan["implied_step_s"] > 0 and 0 < plan["implied_mfu"] < 1
+            assert f"MFU {plan['implied_mfu']:.1%}" in proc.stdout
+        else:  # XLA's cost model times no cross-slice collective (optimal_seconds < 0): no step time, no MFU
+            assert plan["implied_step_s"] is None and plan["implied_mfu"] is None
+            assert "XLA cost model: no step time" in proc.stdout
     assert os.listdir(run_dir) == ["plan.json"]  # nothing else written, nothing created
 
 

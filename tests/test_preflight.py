@@ -18,7 +18,10 @@ V4_HBM, V5E_HBM = 32 * GIB, 16e9
 ABSURD = ["model=base", "model.d_model=8192", "model.d_ff=32768", "model.n_heads=64", "model.n_layers=4"]
 CONFIGS = {"tiny": ["model=tiny"], "base": ["model=base"], "absurd": ABSURD,
            "huge": ABSURD[:-1] + ["model.n_layers=12"],
-           "tiny32": ["model=tiny", "trainer.batch_size=32"]}
+           "tiny32": ["model=tiny", "trainer.batch_size=32"],
+           "tiny4": ["model=tiny", "model.n_layers=4"],
+           "tiny4-scan": ["model=tiny", "model.n_layers=4", "model.scan_layers=true"],
+           "tiny-splash": ["model=tiny", "model.attention=splash"]}  # seq_len 64: the kernel cannot run it
 # (config, topology, extra args). base and the absurd model compile with --fast (exec_time_optimization_effort
 # -1: half the compile time, memory within 1%); tiny compiles with the launcher's default options.
 RUNS = {
@@ -34,7 +37,11 @@ RUNS = {
     "bad-topology": ("tiny", "v4:2x2x2x2", []),
     "bad-generation": ("tiny", "v9:2x2", []),
     "bad-mesh": ("tiny", "v4:2x2x3", []),  # 12 chips: batch 16 is not divisible by data=12
+    "bad-splash": ("tiny-splash", "v4:2x2x4", []),
+    "tiny4-v4": ("tiny4", "v4:2x2x4", ["--fast"]),
+    "tiny4-scan-v4": ("tiny4-scan", "v4:2x2x4", ["--fast"]),
 }
+SLOW = ("base", "absurd", "huge")
 needs_libtpu = pytest.mark.skipif(not tpu_compiler_available(), reason='libtpu not installed: pip install '
                                                                        '"jax[tpu]==0.10.2"')
 
@@ -69,7 +76,7 @@ def results(tmp_path_factory):
         OmegaConf.save(compose_config(overrides), paths[name])
     wanted = RUNS if tpu_compiler_available() else {k: v for k, v in RUNS.items() if "--analytic" in v[2]}
     # the slowest first, so the pair of workers finishes together
-    order = sorted(wanted, key=lambda n: (wanted[n][0] not in ("base", "absurd", "huge"), n))
+    order = sorted(wanted, key=lambda n: (wanted[n][0] not in SLOW, n))
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {n: pool.submit(_run, paths[wanted[n][0]], wanted[n][1], wanted[n][2]) for n in order}
         return {n: f.result() for n, f in futures.items()}
@@ -177,9 +184,59 @@ def test_analytic_runs_without_the_compiler(results):
     assert out["est_hbm_bytes_per_chip"] < V4_HBM and out["devices"] == 16
 
 
+# ---- XLA's cost analysis: the compiled step's FLOPs, the cost model's step time, the MFU it implies ----
+
+def _check_cost(out: dict, peak_per_chip: float):
+    """The cost figures hang together: compiled FLOPs = (XLA's + the splash kernel's) x devices, and MFU / HFU =
+    model / compiled FLOPs over (the implied step time x the catalog's peak x chips)."""
+    assert out["xla_flops_per_device"] > 0 and out["xla_step_s"] > 0 and out["model_flops_per_step"] > 0
+    assert out["compiled_flops_per_step"] == pytest.approx(
+        (out["xla_flops_per_device"] + out["kernel_flops_per_device"]) * out["devices"])
+    assert out["implied_step_s"] >= out["xla_step_s"]
+    peak = peak_per_chip * out["chips"]
+    assert out["implied_mfu"] == pytest.approx(out["model_flops_per_step"] / (out["implied_step_s"] * peak), abs=1e-4)
+    assert out["implied_hfu"] == pytest.approx(out["compiled_flops_per_step"] / (out["implied_step_s"] * peak),
+                                               abs=1e-4)
+    assert 0 < out["implied_mfu"] < 1 and 0 < out["implied_hfu"] < 1
+
+
+@needs_libtpu
+def test_base_step_flops_are_the_model_flops_and_attention_runs_the_splash_kernel(results):
+    out = _ok(results, "base-v4")
+    _check_cost(out, 275e12)
+    # model.attention=auto on a TPU mesh: the Pallas splash kernel lowered to Mosaic custom calls, three a layer
+    # (forward, dq, dkv); XLA counts them as zero FLOPs, so the kernel's causal FLOPs are added: 1 row a device
+    assert out["attention"] == "splash" and out["mosaic_custom_calls"] == 3 * 12
+    assert out["kernel_flops_per_device"] == 2 * 1 * 256 * 256 * 12 * 64 * 12 * 3
+    # XLA counts norms, softmax, the loss and AdamW too: a few % over 6N x tokens + causal attention
+    assert 1.0 < out["compiled_flops_per_step"] / out["model_flops_per_step"] < 1.1
+    assert "xla_loop_counted_once" not in out  # nothing scanned
+
+
+@needs_libtpu
+def test_attention_auto_is_xla_where_the_kernel_cannot_run(results):
+    out = _ok(results, "tiny-v4")  # seq_len 64: not a multiple of the kernel's 128 block
+    assert out["attention"] == "xla" and out["mosaic_custom_calls"] == 0 and out["kernel_flops_per_device"] == 0
+    _check_cost(out, 275e12)
+
+
+@needs_libtpu
+def test_scanned_step_flops_count_every_layer(results):
+    """XLA counts a while loop's body once; the pre-flight measures one layer with a second, scan-unrolled compile
+    and counts all four. The corrected FLOPs are the unscanned step's, within the loop's own bookkeeping."""
+    loop, scan = _ok(results, "tiny4-v4"), _ok(results, "tiny4-scan-v4")
+    once = scan["xla_loop_counted_once"]
+    assert once["layers"] == 4 and once["unrolled_compile_s"] > 0
+    assert once["flops_per_device"] < 0.5 * scan["xla_flops_per_device"]
+    assert once["step_s"] < scan["xla_step_s"]
+    assert abs(scan["xla_flops_per_device"] / loop["xla_flops_per_device"] - 1) < 0.05
+    assert "xla_loop_counted_once" not in loop
+
+
 @needs_libtpu
 @pytest.mark.parametrize("run,words", [("bad-topology", "v4:2x2x2x2"), ("bad-generation", "v9:2x2"),
-                                       ("bad-mesh", "batch_size=16")])
+                                       ("bad-mesh", "batch_size=16"),
+                                       ("bad-splash", "model.attention=splash: seq_len 64 is not a multiple of 128")])
 def test_bad_input_is_a_one_line_error(results, run, words):
     proc = results[run]
     assert proc.returncode == 2 and proc.stdout == ""

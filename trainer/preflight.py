@@ -1,13 +1,16 @@
 """Launch pre-flight on this CPU: AOT-compile the real train step for a TPU topology to size its HBM use."""
 # compile_for_topology builds the trainer's own mesh, shardings, model, optimizer and jitted train step over
 # compile-only TPU devices from libtpu (jax.experimental.topologies), lowers it with ShapeDtypeStructs (no array
-# is ever materialised) and reads XLA's per-device memory analysis. analytic_estimate needs no libtpu.
+# is ever materialised) and reads XLA's per-device memory analysis, and XLA's cost analysis of the compiled step
+# (FLOPs and its cost model's step time, hence the MFU the step would reach at the catalog's peak).
+# analytic_estimate needs no libtpu.
 # CLI: python -m trainer.preflight --config RESOLVED.yaml --topology v4:2x2x4 [--num-slices N] [--analytic]
 #      [--fast] [--per-core] [--verbose]: one JSON object on stdout; on failure one line
 #      "preflight: error: ..." on stderr and exit 2.
 # Run it as a subprocess: it must own the process's jax (JAX_PLATFORMS=cpu is set before jax is first imported,
 # so libtpu only compiles and never opens a TPU); importing this module does not import jax.
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -58,13 +61,16 @@ def _mesh_request(cfg) -> Dict[str, int]:
     return {a: int(cfg.mesh[a]) for a in AXES}
 
 
-def _model_parts(cfg):
+def _model_parts(cfg, mesh=None, **spec_changes):
+    """The trainer's model spec, model (given the mesh, as the trainer gives it), optimizer and schedule."""
     from trainer.model import ModelSpec, TransformerLM
     from trainer.optim import make_optimizer
 
     spec = ModelSpec.from_config(cfg.model)
+    if spec_changes:
+        spec = dataclasses.replace(spec, **spec_changes)
     tx, schedule = make_optimizer(cfg.optimizer, int(cfg.trainer.steps))
-    return spec, TransformerLM(spec), tx, schedule
+    return spec, TransformerLM(spec, mesh), tx, schedule
 
 
 def _path_name(path) -> str:
@@ -161,16 +167,26 @@ def compile_for_topology(cfg, topology_name: str, chip: Chip, num_slices: int = 
     except ValueError as e:
         raise PreflightError(f"{e} (topology {topology_name} x {num_slices} slice(s) gives {len(devices)} "
                              f"devices)") from None
-    spec, model, tx, schedule = _model_parts(cfg)
+    from trainer.model import use_splash
+
+    spec = _model_parts(cfg)[0]
     batch, seq_len = int(cfg.trainer.batch_size), int(cfg.model.seq_len)
     _check_batch(batch, mesh.shape)
+    try:
+        attention = "splash" if use_splash(spec, mesh, seq_len) else "xla"
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
+
+    def lower(**spec_changes):
+        _, model, tx, schedule = _model_parts(cfg, mesh, **spec_changes)
+        shardings = state_shardings(model, tx, mesh, seq_len)
+        state = abstract_state(model, tx, mesh, seq_len, shardings)
+        tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=batch_sharding(mesh))
+        step = make_train_step(model, tx, schedule, mesh, shardings)
+        return step.lower(state, {"inputs": tokens, "targets": tokens}), state
 
     t0 = time.perf_counter()
-    shardings = state_shardings(model, tx, mesh, seq_len)
-    state = abstract_state(model, tx, mesh, seq_len, shardings)
-    tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=batch_sharding(mesh))
-    step = make_train_step(model, tx, schedule, mesh, shardings)
-    lowered = step.lower(state, {"inputs": tokens, "targets": tokens})
+    lowered, state = lower()
     # A step that does not fit HBM fails to compile (RESOURCE_EXHAUSTED ... exceeds available HBM) unless the
     # OOM is suppressed: with it the analysis still reports the bytes, and "fits" says whether they fit.
     options = {"xla_tpu_no_crash_on_oom": True}
@@ -214,13 +230,115 @@ def compile_for_topology(cfg, topology_name: str, chip: Chip, num_slices: int = 
            "compiler_options": options, "mesh": _mesh_sizes(mesh),
            "bytes_per_device": b, "est_hbm_bytes_per_chip": b["peak_estimate"] * per_chip,
            "hbm_bytes_per_chip": chip.hbm_bytes, "largest_buffers": _largest(leaves),
-           "params": count_params(state["params"])}
+           "params": count_params(state["params"]), "attention": attention,
+           "mosaic_custom_calls": compiled.as_text().count('custom_call_target="tpu_custom_call"')}
     if chips != chips_per_slice * num_slices:
         out["note"] = f"topology description has {chips} chips, expected {chips_per_slice * num_slices}"
     if note:
         out["note"] = note
     _add_fit_and_time(out, cfg, chip)
+    out.update(_xla_cost(compiled, spec, lambda: lower(scan_unroll=2)[0].compile(compiler_options=options or None),
+                         measure_loop=out["fits"]))
+    out["kernel_flops_per_device"] = _splash_flops_per_device(spec, batch, seq_len, out["mesh"]) \
+        if attention == "splash" else 0.0
+    _add_mfu(out, cfg, chip)
     return out
+
+
+# -- XLA's cost analysis -----------------------------------------------------------------------------------
+_COST_KEYS = {"flops": "flops", "optimal_seconds": "step_s", "bytes accessed": "bytes"}
+
+
+def _cost(compiled) -> Optional[Dict[str, float]]:
+    """flops, step_s (the cost model's optimal_seconds) and bytes accessed of one device's program, as XLA's cost
+    analysis of the compiled TPU executable gives them; None if it gives none of them."""
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - a backend without a cost analysis
+        return None
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else None
+    if not isinstance(ca, dict) or "flops" not in ca:
+        return None
+    cost = {name: float(ca[key]) for key, name in _COST_KEYS.items() if key in ca}
+    if cost.get("step_s", 0) <= 0:  # e.g. -7 for a 2-slice step: the cost model times no cross-slice collective
+        cost.pop("step_s", None)
+    return cost
+
+
+def _xla_cost(compiled, spec, compile_unrolled, measure_loop: bool = True) -> dict:
+    """XLA's FLOPs, step time and bytes for one device's program. XLA's cost analysis counts a while loop's body
+    once, however many times it runs (jax-ml/jax#18672), so for a scanned stack of L layers it reports
+    a + b (a: everything outside the loops, b: one layer forward and backward). A second compile with the scan
+    unrolled by 2 reports a + c*b (c = 2 + L mod 2: jax runs an odd layer outside the loop), which gives b, and
+    the step's a + L*b. `xla_loop_counted_once` keeps the uncorrected figures and the second compile's time.
+    measure_loop=False (a step that does not fit) skips that compile: no figures for a scanned step then."""
+    out = {"xla_flops_per_device": None, "xla_step_s": None, "xla_bytes_per_device": None}
+    once = _cost(compiled)
+    if once is None:
+        return out
+    total = dict(once)
+    if spec.scan_layers and spec.n_layers > 1:
+        if not measure_loop:
+            out["xla_cost_note"] = "the step does not fit: its per-layer cost was not measured"
+            return out
+        t0 = time.perf_counter()
+        try:
+            twice = _cost(compile_unrolled())
+        except Exception as e:  # noqa: BLE001 - JaxRuntimeError: report the step without its cost
+            out["xla_cost_note"] = f"the scan-unrolled compile for the per-layer cost failed: {_first_line(e)}"
+            return out
+        layers, counted = spec.n_layers, 2 + spec.n_layers % 2
+        if twice is None:
+            return out
+        for k in total:
+            if k in twice:
+                per_layer = (twice[k] - once[k]) / (counted - 1)
+                total[k] = once[k] + (layers - 1) * per_layer
+        out["xla_loop_counted_once"] = {"layers": layers, "flops_per_device": once.get("flops"),
+                                        "step_s": once.get("step_s"), "unrolled_compile_s":
+                                        round(time.perf_counter() - t0, 3)}
+    out.update(xla_flops_per_device=total.get("flops"), xla_step_s=total.get("step_s"),
+               xla_bytes_per_device=total.get("bytes"))
+    if out["xla_step_s"] is None:
+        out["xla_cost_note"] = "XLA's cost model gave no step time for this program (no optimal_seconds > 0)"
+    return out
+
+
+def _splash_flops_per_device(spec, batch: int, seq_len: int, mesh: Dict[str, int]) -> float:
+    """The splash kernel's FLOPs on one device, which XLA's cost analysis cannot see (a Mosaic custom call counts
+    zero): per layer forward 2 x 2 x rows x seq^2 x heads x head_dim halved for the causal blocks it skips, the
+    backward twice that, and one more forward when remat recomputes the block."""
+    rows = batch // (int(mesh.get("dcn", 1)) * int(mesh.get("data", 1)) * int(mesh.get("fsdp", 1)))
+    heads = spec.n_heads // int(mesh.get("tensor", 1))
+    forward = 2 * rows * seq_len * seq_len * heads * spec.head_dim * spec.n_layers
+    return float(forward * (3 + (spec.remat != "none")))
+
+
+def _add_mfu(out: dict, cfg, chip: Chip):
+    """model_flops_per_step (trainer/flops.py: 6 x N x tokens + causal attention at half) next to the compiled
+    step's FLOPs (XLA's count plus the splash kernel's, every device: compiled_flops_per_step), and what both
+    reach at the catalog's peak in implied_step_s, the step time of XLA's cost model (its optimal_seconds: each
+    op at the chip's compute or memory roofline) plus the kernel's FLOPs at peak: implied_mfu (model FLOPs) and
+    implied_hfu (compiled FLOPs, rematerialisation and all)."""
+    from trainer.flops import flops_per_step
+    from trainer.model import ModelSpec
+
+    model_flops = flops_per_step(ModelSpec.from_config(cfg.model), int(cfg.trainer.batch_size),
+                                 int(cfg.model.seq_len))
+    out["model_flops_per_step"] = model_flops
+    for key in ("xla_flops_per_device", "xla_step_s", "xla_bytes_per_device"):
+        out.setdefault(key, None)
+    out.setdefault("kernel_flops_per_device", 0.0)
+    per_device, step_s, kernel = out["xla_flops_per_device"], out["xla_step_s"], out["kernel_flops_per_device"]
+    peak_per_device = float(chip.peak_flops) / int(out.get("devices_per_chip", 1))
+    flops = per_device is not None
+    out["compiled_flops_per_step"] = (per_device + kernel) * out["devices"] if flops else None
+    ok = flops and step_s is not None and step_s > 0
+    out["implied_step_s"] = step_s + kernel / peak_per_device if ok else None
+    peak = float(chip.peak_flops) * int(out["chips"])
+    out["implied_mfu"] = round(model_flops / (out["implied_step_s"] * peak), 4) if ok else None
+    out["implied_hfu"] = round(out["compiled_flops_per_step"] / (out["implied_step_s"] * peak), 4) if ok else None
 
 
 def _rejected(cfg, error: BaseException, topology_name: str, gen: str, chip: Chip, num_slices: int, chips: int,
@@ -239,6 +357,7 @@ def _rejected(cfg, error: BaseException, topology_name: str, gen: str, chip: Chi
                        hbm_bytes_per_chip=chip.hbm_bytes, compile_s=round(compile_s, 3), compile_error=msg,
                        note="the TPU compiler rejected the step; analytic estimate")
             _add_fit_and_time(out, cfg, chip)
+            _add_mfu(out, cfg, chip)
             return out
     raise PreflightError(f"TPU compiler: {msg}") from None
 
@@ -382,6 +501,7 @@ def _analytic_for_topology(cfg, topology_name: str, chip: Chip, num_slices: int,
                devices_per_chip=per_chip, est_hbm_bytes_per_chip=out["bytes_per_device"]["peak_estimate"] * per_chip,
                hbm_bytes_per_chip=chip.hbm_bytes)
     _add_fit_and_time(out, cfg, chip)
+    _add_mfu(out, cfg, chip)
     return out
 
 
