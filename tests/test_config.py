@@ -69,6 +69,9 @@ def test_model_choices():
     assert (tiny.model.d_model, tiny.model.n_layers, tiny.model.n_heads, tiny.model.d_ff) == (64, 2, 4, 256)
     base = compose_config(["model=base", "model.dtype=bfloat16"])
     assert base.model.name == "base" and base.model.d_model == 768
+    big = compose_config(["model=1b"]).model
+    assert (big.d_model, big.n_layers, big.n_heads, big.d_ff, big.seq_len) == (2048, 20, 16, 8192, 2048)
+    assert big.dtype == "bfloat16" and big.scan_layers is True and big.remat == "full" and big.attention == "auto"
 
 
 def test_typed_overrides_are_converted():

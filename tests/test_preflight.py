@@ -14,14 +14,18 @@ from trainer.preflight import PreflightError, estimate_step_time, parse_topology
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2 ** 30
-V4_HBM, V5E_HBM = 32 * GIB, 16e9
+V4_HBM, V5E_HBM, V5P_HBM, V6E_HBM = 32 * GIB, 16e9, 95e9, 32e9
 ABSURD = ["model=base", "model.d_model=8192", "model.d_ff=32768", "model.n_heads=64", "model.n_layers=4"]
 CONFIGS = {"tiny": ["model=tiny"], "base": ["model=base"], "absurd": ABSURD,
            "huge": ABSURD[:-1] + ["model.n_layers=12"],
            "tiny32": ["model=tiny", "trainer.batch_size=32"],
            "tiny4": ["model=tiny", "model.n_layers=4"],
            "tiny4-scan": ["model=tiny", "model.n_layers=4", "model.scan_layers=true"],
-           "tiny-splash": ["model=tiny", "model.attention=splash"]}  # seq_len 64: the kernel cannot run it
+           "tiny-splash": ["model=tiny", "model.attention=splash"],  # seq_len 64: the kernel cannot run it
+           "1b": ["model=1b"],
+           # 64 rows of 2048 tokens on 16 chips: its activations only fit v6e's 32 GB when remat recomputes them
+           "1b-b64": ["model=1b", "trainer.batch_size=64", "model.remat=full"],
+           "1b-b64-no-remat": ["model=1b", "trainer.batch_size=64", "model.remat=none"]}
 # (config, topology, extra args). base and the absurd model compile with --fast (exec_time_optimization_effort
 # -1: half the compile time, memory within 1%); tiny compiles with the launcher's default options.
 RUNS = {
@@ -40,8 +44,11 @@ RUNS = {
     "bad-splash": ("tiny-splash", "v4:2x2x4", []),
     "tiny4-v4": ("tiny4", "v4:2x2x4", ["--fast"]),
     "tiny4-scan-v4": ("tiny4-scan", "v4:2x2x4", ["--fast"]),
+    "1b-v5p": ("1b", "v5p:2x2x4", ["--fast"]),  # v5p-32
+    "1b-b64-v6e": ("1b-b64", "v6e:4x4", ["--fast"]),  # v6e-16
+    "1b-b64-no-remat-v6e": ("1b-b64-no-remat", "v6e:4x4", ["--fast"]),
 }
-SLOW = ("base", "absurd", "huge")
+SLOW = ("base", "absurd", "huge", "1b", "1b-b64", "1b-b64-no-remat")
 needs_libtpu = pytest.mark.skipif(not tpu_compiler_available(), reason='libtpu not installed: pip install '
                                                                        '"jax[tpu]==0.10.2"')
 
@@ -231,6 +238,35 @@ def test_scanned_step_flops_count_every_layer(results):
     assert once["step_s"] < scan["xla_step_s"]
     assert abs(scan["xla_flops_per_device"] / loop["xla_flops_per_device"] - 1) < 0.05
     assert "xla_loop_counted_once" not in loop
+
+
+@needs_libtpu
+@pytest.mark.parametrize("run,hbm,peak,kind", [("1b-v5p", V5P_HBM, 459e12, "TPU v5"),
+                                               ("1b-b64-v6e", V6E_HBM, 918e12, "TPU v6 lite")])
+def test_1b_compiles_with_remat_and_splash_and_fits(results, run, hbm, peak, kind):
+    out = _ok(results, run)
+    _check_compiled(out, 16, hbm)  # v5p-32 / v6e-16: 16 chips, fits
+    assert out["device_kind"] == kind
+    assert out["params"] == 1_008_289_792  # d_model 2048, 20 layers, d_ff 8192, vocab 384
+    assert out["attention"] == "splash" and out["mosaic_custom_calls"] > 0  # the kernel lowered for the TPU
+    assert out["xla_loop_counted_once"]["layers"] == 20
+    _check_cost(out, peak)
+    # full remat recomputes each block's forward (but the matmuls whose outputs the backward pass never reads):
+    # more compiled FLOPs than model FLOPs, less than 8N x tokens
+    assert 1.1 < out["compiled_flops_per_step"] / out["model_flops_per_step"] < 8 / 6 + 0.05
+
+
+@needs_libtpu
+def test_1b_fits_v6e_only_with_remat(results):
+    full, none = _ok(results, "1b-b64-v6e"), _ok(results, "1b-b64-no-remat-v6e")
+    assert full["fits"] is True and full["est_hbm_bytes_per_chip"] < V6E_HBM
+    assert none["fits"] is False and none["est_hbm_bytes_per_chip"] > V6E_HBM
+    b_full, b_none = full["bytes_per_device"], none["bytes_per_device"]
+    assert abs(b_full["arguments"] - b_none["arguments"]) < 0.01 * b_full["arguments"]  # the same train state
+    # activations dominate without remat (~38 GB of temporaries a chip beside 12 GB of state); remat cuts them ~5x
+    assert b_none["temp"] > 2 * b_none["arguments"] and b_none["temp"] > 3 * b_full["temp"]
+    # a step that does not fit gets no loop-corrected cost (its second compile is skipped)
+    assert none["xla_step_s"] is None and none["implied_mfu"] is None and "does not fit" in none["xla_cost_note"]
 
 
 @needs_libtpu
