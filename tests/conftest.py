@@ -120,6 +120,7 @@ def gcs_faulty(gcs_fault_proxy, monkeypatch):
     proxy = gcs_fault_proxy
     proxy.set_faults(0.0, kinds=("503", "429", "reset"), seed=0)
     proxy.delay_s = 5.0
+    proxy.latency_s = 0.0
     proxy.reset_counts()
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
     monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", proxy.url)

@@ -9,9 +9,12 @@ emulator, except that a fraction `fault_rate` of them, drawn from a seeded RNG, 
   "timeout" the request is read, then nothing is answered for `delay_s` seconds (a client with a shorter
             timeout times out), then the connection is reset; not forwarded
 
+`latency_s` (default 0) delays every request by that many seconds after it is read, before it is forwarded or
+faulted: a round trip to a distant bucket (bench/data.py uses 50 ms).
+
 `counts` says how many requests came in, how many were forwarded and how many faults of each kind were
-injected, so a test can prove faults really happened. `fault_rate`, `kinds` and `delay_s` may be changed
-while it runs (e.g. 0 while setting data up, 0.1 during a run). The emulator builds resumable-upload
+injected, so a test can prove faults really happened. `fault_rate`, `kinds`, `delay_s` and `latency_s` may be
+changed while it runs (e.g. 0 while setting data up, 0.1 during a run). The emulator builds resumable-upload
 `Location` and `mediaLink` URLs from the Host header, which is forwarded unchanged, so follow-up requests
 come back through the proxy.
 """
@@ -36,13 +39,14 @@ _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encodin
 
 class GCSFaultProxy:
     def __init__(self, upstream_url: str, fault_rate: float = 0.0, kinds=DEFAULT_KINDS, seed: int = 0,
-                 delay_s: float = 5.0):
+                 delay_s: float = 5.0, latency_s: float = 0.0):
         host_port = upstream_url.split("://", 1)[-1].rstrip("/")
         host, _, port = host_port.partition(":")
         self.upstream = (host, int(port or 80))
         self.fault_rate = float(fault_rate)
         self.kinds = tuple(kinds)
         self.delay_s = float(delay_s)
+        self.latency_s = float(latency_s)
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -185,6 +189,8 @@ def _make_handler(proxy: GCSFaultProxy):
 
         def _handle(self):
             body = self._read_body()
+            if proxy.latency_s > 0:
+                proxy._stopping.wait(proxy.latency_s)
             kind = proxy._draw(self.headers.get("User-Agent", ""))
             if kind == "503":
                 return self._error(503, "backendError")
