@@ -71,6 +71,8 @@ def make_plan(cfg: DictConfig, plan: Plan, compile: bool = True) -> dict:
     }
     for key in COST_KEYS:
         out[key] = pre.get(key)
+    # a scanned model's second compile, for the per-layer cost XLA counts once in the loop (trainer/preflight.py)
+    out["cost_compile_s"] = (pre.get("xla_loop_counted_once") or {}).get("unrolled_compile_s", 0.0)
     out["fits"] = (out["est_hbm_bytes_per_chip"] <= out["hbm_bytes_per_chip"]
                    if tpu and out["est_hbm_bytes_per_chip"] is not None else None)
     if tpu is not None:
@@ -95,7 +97,9 @@ def describe(p: dict) -> str:
              f"plan for {p['run']}: {p['hosts']} hosts, mesh {p['mesh']}"]
     if est is not None:
         cap = f" of {p['hbm_bytes_per_chip'] / GiB:.1f} GiB" if p["hbm_bytes_per_chip"] else ""
-        lines.append(f"  memory per chip: {est / GiB:.3f} GiB{cap} ({p['preflight']}, compile {p['compile_s']:.1f}s)"
+        more = f" + {p['cost_compile_s']:.1f}s unrolled for the layers' cost" if p.get("cost_compile_s") else ""
+        lines.append(f"  memory per chip: {est / GiB:.3f} GiB{cap} ({p['preflight']}, compile {p['compile_s']:.1f}s"
+                     f"{more})"
                      + ("" if p["fits"] is None else f" -> {'fits' if p['fits'] else 'DOES NOT FIT'}"))
     if p["cost_per_hour_usd"]:
         c = p["cost_per_hour_usd"]
