@@ -29,7 +29,7 @@ def test_help_lists_the_config_groups_and_their_options(tmp_path):
     assert "== Configuration groups ==" in out
     groups = {line.split(":")[0]: line.split(": ")[1].split(", ") for line in out.splitlines()
               if ": " in line and line.split(":")[0] in ("model", "cluster", "data", "optimizer")}
-    assert groups["model"] == ["base", "small", "tiny"]
+    assert groups["model"] == ["1b", "base", "small", "tiny"]
     assert groups["data"] == ["shards", "stdlib"]
     assert {"local", "v4-32", "v4-8", "v6e-16"} <= set(groups["cluster"])
     assert "optimizer" in groups
@@ -63,11 +63,11 @@ def test_info_and_shell_completion(tmp_path):
     assert "complete -o nospace -o default -F hydra_bash_completion tpu-launch" in proc.stdout
     proc = cli("-sc", "query=bash", cwd=tmp_path, env={"COMP_LINE": "tpu-launch model="})
     assert proc.returncode == 0, explain(proc)
-    assert proc.stdout.split() == ["model=base", "model=small", "model=tiny"]
+    assert proc.stdout.split() == ["model=1b", "model=base", "model=small", "model=tiny"]
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--cfg", "job", "model=nope"], "error: model: unknown choice 'nope' (choose one of: base, small, tiny)"),
+    (["--cfg", "job", "model=nope"], "error: model: unknown choice 'nope' (choose one of: 1b, base, small, tiny)"),
     (["--info", "trainer.stepz=1"], "error: trainer.stepz: "),
     (["--frobnicate"], "error: --frobnicate: unknown flag"),
     (["--config-dir=/tmp"], "error: --config-dir: is not supported by the launcher"),
