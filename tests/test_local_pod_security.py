@@ -4,6 +4,7 @@ While a real 2-host pod trains, every listening socket of the launcher's process
 agents, dashboard, host actors, trainers and the JAX coordinator) is sampled; a Ray client and an HTTP call to
 the job server from a process with no token (another HOME, no RAY_AUTH_* variables) are refused.
 """
+import json
 import os
 import stat
 import subprocess
@@ -106,7 +107,8 @@ def test_local_pod_is_loopback_only_and_refuses_strangers(tmp_path, corpus_cache
 
 
 def _job_server_status(seen, token_file):
-    """(status without a token, status with the run's token) of the pod's job server (the dashboard's port)."""
+    """(status of a job submission without a token, status of the job list with the run's token) of the pod's job
+    server (the dashboard's port)."""
     for pid, name, ip, port in sorted(seen):
         try:
             cmd = " ".join(psutil.Process(pid).cmdline())
@@ -115,9 +117,12 @@ def _job_server_status(seen, token_file):
         if "dashboard/dashboard.py" not in cmd:
             continue
         statuses = []
-        for headers in ({}, {"Authorization": f"Bearer {token_file.read_text().strip()}"}):
+        # Without the token: a real job submission (POST); with it: the job list (nothing is submitted).
+        submit = json.dumps({"entrypoint": "echo stranger"}).encode()
+        for data, headers in ((submit, {"Content-Type": "application/json"}),
+                              (None, {"Authorization": f"Bearer {token_file.read_text().strip()}"})):
             try:
-                with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/api/jobs/",
+                with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/api/jobs/", data=data,
                                                                    headers=headers), timeout=5) as r:
                     statuses.append(r.status)
             except urllib.error.HTTPError as e:

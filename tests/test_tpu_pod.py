@@ -360,7 +360,9 @@ def test_cloud_run_creates_and_deletes_its_ray_head_vm(gcs_emulator, tmp_path, c
         with pytest.raises(OSError):
             socket.create_connection((machine_ip, dash_port), timeout=5).close()
         with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(f"http://127.0.0.1:{dash_port}/api/jobs/", timeout=10)
+            urllib.request.urlopen(urllib.request.Request(  # a job submission without the token
+                f"http://127.0.0.1:{dash_port}/api/jobs/", data=json.dumps({"entrypoint": "id"}).encode(),
+                headers={"Content-Type": "application/json"}), timeout=10)
         assert refused.value.code == 401
         assert auth.probe(f"{machine_ip}:{ray_port}", "") == "refused"
         assert auth.probe(f"{machine_ip}:{ray_port}", (keys / "ray_token").read_text().strip()) == "ok"
