@@ -221,22 +221,11 @@ def pulled_at(run_dir: str) -> Optional[float]:
     return float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else None
 
 
-def _config(run_dir: str) -> dict:
-    import yaml
-
-    try:
-        with open(runfiles.path(run_dir, runfiles.CONFIG)) as f:
-            cfg = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError):
-        return {}
-    return cfg if isinstance(cfg, dict) else {}
-
-
 def refresh(run_dir: str, cfg=None) -> Optional[str]:
     """What every laptop-side reader of a run directory calls first: for a cloud run with a bucket (from `cfg`, or
     the run's config.yaml), pull its mirror into run_dir. A local run: nothing, no import. Returns a one-line
     warning if the mirror could not be read (the command goes on with the files here), else None."""
-    url = url_for(cfg if cfg is not None else _config(run_dir))
+    url = url_for(cfg if cfg is not None else runfiles.read_config(run_dir))
     if url is None:
         return None
     try:

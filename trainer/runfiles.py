@@ -220,6 +220,18 @@ def write_json(file: str, obj: Any) -> None:
     write_atomic(file, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_config(run_dir: str) -> dict:
+    """The run's config.yaml as a plain dict ({} if it is missing or unreadable); PyYAML, no OmegaConf or Hydra."""
+    import yaml
+
+    try:
+        with open(path(run_dir, CONFIG)) as f:
+            cfg = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
 def read_json(file: str) -> Optional[Any]:
     """A JSON file's content, or None if it is missing, half-written or unreadable."""
     try:

@@ -46,17 +46,6 @@ def add_arguments(p) -> None:
                    help="refresh every SECONDS (default 2) until Ctrl-C")
 
 
-def _config(run_dir: str) -> dict:
-    import yaml
-
-    try:
-        with open(runfiles.path(run_dir, runfiles.CONFIG)) as f:
-            cfg = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError):
-        return {}
-    return cfg if isinstance(cfg, dict) else {}
-
-
 def _num(x) -> Optional[float]:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
@@ -141,7 +130,7 @@ def run_status(run_dir: str, now: Optional[float] = None) -> dict:
     """The status of one run, as the --json object."""
     refresh(run_dir)
     now = time.time() if now is None else now
-    cfg = _config(run_dir)
+    cfg = runfiles.read_config(run_dir)
     cluster = cfg.get("cluster") or {}
     total = (cfg.get("trainer") or {}).get("steps")
     live = RunDir(run_dir).is_locked()
