@@ -10,13 +10,13 @@ VM, processes holding the TPU devices are killed and libtpu's lockfile is remove
 as other launchers' startup scripts do.
 """
 import glob
-import json
 import os
 import signal
 import time
 from typing import Iterable, List, Optional, Tuple
 
 from trainer.heartbeat import process_start_time  # the (pid, start time) identity heartbeats record
+from trainer.runfiles import read_json
 
 LIBTPU_LOCKFILE = "/tmp/libtpu_lockfile"
 TPU_DEVICE_GLOBS = ("/dev/accel*", "/dev/vfio/[0-9]*")
@@ -94,13 +94,12 @@ def _is_zombie(pid: int) -> bool:
 
 def _heartbeat_process(heartbeat_file: str) -> Tuple[int, Optional[int]]:
     """(pid, pid_start_time) a heartbeat file records; (0, None) for a missing or torn one."""
+    hb = read_json(heartbeat_file)
     try:
-        with open(heartbeat_file) as f:
-            hb = json.load(f)
         pid = int(hb.get("pid") or 0)
         start_time = hb.get("pid_start_time")
         return pid, None if start_time is None else int(start_time)
-    except (OSError, ValueError, TypeError, json.JSONDecodeError, AttributeError):
+    except (ValueError, TypeError, AttributeError):  # torn or not a heartbeat: nothing recorded to kill
         return 0, None
 
 

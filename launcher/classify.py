@@ -9,7 +9,7 @@ whose actor died shows HOST_LOST.
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from trainer.runfiles import EXIT_RESTARTABLE, PHASE_INIT
+from trainer.runfiles import EXIT_RESTARTABLE, PHASE_INIT, REASON_INIT_FAILED, REASON_STORAGE
 
 HOST_LOST = -1  # the host's actor or Ray node died: no exit code
 HEALTHY_NODE_STATES = {"READY", "CREATING", "STARTING", "RESTARTING"}
@@ -68,7 +68,7 @@ def classify(ev: Evidence) -> Failure:
     if restartable:
         i = restartable[0]
         reason = ev.reasons.get(i, "")
-        cause = TIMEOUT if reason.startswith("init") else STORAGE if reason == "storage" else PREEMPTION
+        cause = TIMEOUT if reason == REASON_INIT_FAILED else STORAGE if reason == REASON_STORAGE else PREEMPTION
         return Failure(cause, i, f"host {i} exited with code 42 ({reason or 'restartable'})")
     signalled = [i for i, c in failed.items() if c > 128]
     if signalled:  # the others' errors (a peer vanished from a collective) follow from this one

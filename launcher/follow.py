@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from trainer.runfiles import EXIT_FAILED, EXIT_OK
+from trainer.runfiles import EXIT_FAILED, EXIT_OK, SUMMARY
 from launcher.progress import Progress
 from launcher.rundir import RunDir
 
@@ -42,10 +42,10 @@ def _follow(run: RunDir, holder: str, total_steps: int, poll_s: float) -> int:
     finally:
         tail.stop()
     try:
-        fresh = os.path.getmtime(run.file("summary.json")) >= since - 1
+        fresh = os.path.getmtime(run.file(SUMMARY)) >= since - 1
     except OSError:
         fresh = False
-    summary = run.read_json("summary.json") if fresh else None
+    summary = run.read_json(SUMMARY) if fresh else None
     if summary is None:
         print("error: the run's supervisor ended without writing summary.json (it died); type the same command "
               "again to take the run over and resume it", flush=True, file=sys.stderr)
