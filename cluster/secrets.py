@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 from google.api_core import exceptions as gexc
 
 from cluster.gcp import ProvisionError, rest_transport_args, tpu_name
+from trainer.runfiles import EXIT_USER_ERROR
 
 ACCESSOR_ROLE = "roles/secretmanager.secretAccessor"
 _SECRET_ID = re.compile(r"[A-Za-z0-9_-]{1,255}")
@@ -249,7 +250,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         reason = " ".join(f"{type(exc).__name__}: {reason}".split())
         print(f"[secrets] could not fetch secret {args.secret} (project {args.project}): {reason}",
               file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     print(f"[secrets] wrote the Ray token to {args.out}")
     return 0
 

@@ -22,6 +22,7 @@ import time
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from trainer.mesh_shape import AXES, resolve_mesh_shape
+from trainer.runfiles import EXIT_USER_ERROR
 
 # Generations whose chips hold two TensorCores: libtpu's default chip config gives one device per core;
 # Cloud TPU VMs run them as megacore (one device per chip), which is what the trainer will see.
@@ -586,7 +587,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as e:  # noqa: BLE001 - one line for the launcher, whatever went wrong
         kind = "" if isinstance(e, PreflightError) else f"{type(e).__name__}: "
         print(f"preflight: error: {kind}{_first_line(e)}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     print(json.dumps(out, indent=1))
     return 0
 

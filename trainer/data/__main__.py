@@ -11,6 +11,7 @@ from .corpus import DEFAULT_MAX_BYTES, ensure_default_corpus, prepare_stdlib
 from .errors import DataError
 from .prepare import DEFAULT_GLOBS, DEFAULT_RECORD_LEN, DEFAULT_RECORDS_PER_SHARD, SPLITS, prepare, summary
 from .stream import read_manifest
+from trainer.runfiles import EXIT_USER_ERROR
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
         msg = str(exc).strip().splitlines()
         prefix = "" if isinstance(exc, (DataError, OSError)) else f"{type(exc).__name__}: "
         print(f"error: {prefix}{msg[0] if msg else type(exc).__name__}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     return 0
 
 
