@@ -1,5 +1,6 @@
 """What every `tpu-launch` command shares: finding a run (a directory, or a name under --root) and its errors."""
 import argparse
+import glob
 import os
 import sys
 from typing import List
@@ -48,3 +49,11 @@ def all_runs(root: str = DEFAULT_ROOT) -> List[str]:
     except OSError:
         return []
     return [os.path.abspath(os.path.join(root, n)) for n in names if is_run_dir(os.path.join(root, n))]
+
+
+def local_jax_platform() -> None:
+    """For the commands that run JAX in this process (eval, generate), before JAX is imported: on a machine with no
+    TPU (no /dev/accel*, no /dev/vfio/<n>) JAX runs on the CPU, so libtpu (installed with the tpu extra) does not
+    probe for a TPU and print its warnings. JAX_PLATFORMS set by the user wins."""
+    if "JAX_PLATFORMS" not in os.environ and not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*"):
+        os.environ["JAX_PLATFORMS"] = "cpu"

@@ -14,7 +14,7 @@ The result is printed and written to RUN/eval/<step>-<split>.json.
 import argparse
 import os
 
-from launcher.commands.common import add_root, resolve_run
+from launcher.commands.common import add_root, local_jax_platform, resolve_run
 from launcher.errors import UserError
 from trainer import runfiles
 
@@ -81,6 +81,7 @@ def _data(args, cfg):
 
 
 def run(args) -> int:
+    local_jax_platform()
     run_dir = resolve_run(args.run, args.root)
     from trainer.checkpoint import CheckpointError
     from trainer.restore import load_run

@@ -14,7 +14,7 @@ import argparse
 import json
 from typing import List
 
-from launcher.commands.common import add_root, resolve_run
+from launcher.commands.common import add_root, local_jax_platform, resolve_run
 from launcher.errors import UserError
 
 HELP = "continue prompts with a run's trained model (KV-cache decoding; greedy or sampled)"
@@ -68,6 +68,7 @@ def _prompts(args) -> List[str]:
 
 
 def run(args) -> int:
+    local_jax_platform()
     _check_options(args)
     prompts = _prompts(args)
     run_dir = resolve_run(args.run, args.root)
