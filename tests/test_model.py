@@ -58,6 +58,14 @@ def test_tiny_config_is_the_documented_model():
     assert spec.positions == "rotary" and spec.dtype == "float32" and spec.head_dim == 16
 
 
+def test_a_config_written_before_scan_remat_and_attention_still_reads():
+    """An older run's config.yaml (no scan_layers, remat, attention) gives the model it trained: eval and generate
+    read older runs."""
+    old = OmegaConf.load(os.path.join(REPO, "conf", "model", "tiny.yaml"))
+    assert "scan_layers" not in old and "remat" not in old and "attention" not in old
+    assert ModelSpec.from_config(old) == tiny_spec(scan_layers=False, remat="none", attention="auto")
+
+
 def test_logits_shape_and_dtype(rotary_model):
     spec, _, params, apply = rotary_model
     logits = apply(params, tokens_for(spec, batch=3))

@@ -11,7 +11,7 @@ splash-attention TPU kernel, one call per device under shard_map over the batch 
 when the model is given a mesh of TPU devices and the shapes allow it, else xla). The KV-cache decode path always
 uses jax.nn.dot_product_attention.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any, Optional
 
@@ -47,10 +47,10 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, m) -> "ModelSpec":
-        return cls(vocab_size=int(m.vocab_size), d_model=int(m.d_model), n_layers=int(m.n_layers),
-                   n_heads=int(m.n_heads), d_ff=int(m.d_ff), max_seq_len=int(m.max_seq_len),
-                   positions=str(m.positions), dtype=str(m.dtype), scan_layers=bool(m.scan_layers),
-                   remat=str(m.remat), attention=str(m.get("attention", "auto")))
+        """The spec of a `model` config. A key the config lacks takes the field's default: a run's config.yaml
+        written before scan_layers, remat and attention existed describes the model those defaults build, so
+        eval and generate still read older runs."""
+        return cls(**{f.name: f.type(m[f.name]) for f in fields(cls) if f.name in m})
 
     @property
     def head_dim(self) -> int:
