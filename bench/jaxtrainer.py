@@ -59,7 +59,7 @@ def train_loop(config: dict) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # before the CPU backend starts
     from trainer.model import ModelSpec, TransformerLM
     from trainer.optim import make_optimizer
-    from trainer.sharding import batch_sharding, local_rows, make_mesh
+    from trainer.sharding import batch_shard, batch_sharding, make_mesh
     from trainer.state import abstract_state, create_state, state_shardings
     from trainer.step import make_train_step
 
@@ -87,13 +87,13 @@ def train_loop(config: dict) -> None:
     if ckpt is not None:
         ev("restore", step=start)
     train_step = make_train_step(model, tx, schedule, mesh, shardings)
-    rows = local_rows(mesh, batch, seq)
+    local_batch = batch // batch_shard(mesh, batch, seq)[1]
     sharding = batch_sharding(mesh)
     rng = np.random.default_rng([int(cfg.trainer.seed), rank, start])
     ev("ready", step=start)
     every = int(config["ckpt_every"])
     for step in range(start, steps):
-        local = rng.integers(0, spec.vocab_size, (rows[1] - rows[0], seq + 1), dtype=np.int32)
+        local = rng.integers(0, spec.vocab_size, (local_batch, seq + 1), dtype=np.int32)
         feed = {"inputs": local[:, :-1], "targets": local[:, 1:]}
         gbatch = {k: jax.make_array_from_process_local_data(sharding, np.ascontiguousarray(v), (batch, seq))
                   for k, v in feed.items()}

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from trainer.digest import params_digest  # noqa: E402
 from trainer.model import ModelSpec, TransformerLM  # noqa: E402
 from trainer.optim import make_optimizer  # noqa: E402
-from trainer.sharding import (AXES, LOGICAL_RULES, batch_sharding, local_rows, logical_to_sharding,  # noqa: E402
+from trainer.sharding import (AXES, LOGICAL_RULES, batch_shard, batch_sharding, logical_to_sharding,  # noqa: E402
                               make_mesh, resolve_mesh_shape)
 from trainer.state import abstract_state, create_state  # noqa: E402
 
@@ -169,18 +169,18 @@ def test_abstract_state_carries_the_same_shardings(model_tx, state_ft):
 
 # ---- batch rows ----
 
-def test_local_rows_cover_the_whole_batch_in_one_process():
+def test_one_process_feeds_the_whole_batch():
     n = len(jax.devices())
     mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    assert local_rows(mesh, 4 * n, 16) == (0, 4 * n)
+    assert batch_shard(mesh, 4 * n, 16) == (0, 1)
     idx = batch_sharding(mesh).addressable_devices_indices_map((4 * n, 16))
     assert len(idx) == n
 
 
 @needs4
-def test_local_rows_with_fsdp_and_tensor_axes():
+def test_batch_shard_with_fsdp_and_tensor_axes():
     mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, jax.devices()[:4])
-    assert local_rows(mesh, 6, 5) == (0, 6)
+    assert batch_shard(mesh, 6, 5) == (0, 1)
     sizes = sorted({(s[0].start, s[0].stop) for s in
                     batch_sharding(mesh).addressable_devices_indices_map((6, 5)).values()})
     assert sizes == [(0, 3), (3, 6)]  # batch split over data x fsdp = 2, replicated over tensor

@@ -19,7 +19,7 @@ from trainer.model import ModelSpec, TransformerLM
 from trainer.optim import make_optimizer
 from trainer.runfiles import (METRICS, PHASE_COMPILE, PHASE_RESTORE, PHASE_SAVE_WAIT, PHASE_TRAIN, RESULT,
                               append_jsonl, eval_phase, save_phase, write_json)
-from trainer.sharding import batch_sharding, local_rows, make_mesh
+from trainer.sharding import batch_shard, batch_sharding, make_mesh
 from trainer.state import abstract_state, count_params, create_state, state_shardings
 from trainer.step import make_eval_step, make_train_step
 from trainer.tensorboard import EventWriter
@@ -52,9 +52,8 @@ class Loop:
         self.tx, self.schedule = make_optimizer(cfg.optimizer, self.steps)
         self.data_path = cfg.data.path
         self.manifest = read_manifest(self.data_path)
-        rows = local_rows(self.mesh, self.batch, self.seq_len)
-        self.local_batch = rows[1] - rows[0]
-        self.shard_index, self.shard_count = rows[0] // self.local_batch, self.batch // self.local_batch
+        self.shard_index, self.shard_count = batch_shard(self.mesh, self.batch, self.seq_len)
+        self.local_batch = self.batch // self.shard_count
         self.batch_sharding = batch_sharding(self.mesh)
         self.step_flops = flops_per_step(self.spec, self.batch, self.seq_len)
         self.tb: Optional[EventWriter] = None  # host 0's TensorBoard file, open while run() runs

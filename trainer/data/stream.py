@@ -174,7 +174,8 @@ class BatchStream:
     Sample i of the global order is record perm_e[i % N] of epoch e = i // N, with
     perm_e = np.random.default_rng([seed, e]).permutation(N); step s is samples
     s*global_batch .. (s+1)*global_batch-1, and process p gets rows
-    p*local_batch .. (p+1)*local_batch-1 of it (and reads only those records).
+    p*local_batch .. (p+1)*local_batch-1 of it (and reads only those records); p is the host's data shard
+    (trainer.sharding.batch_shard), which on a TPU mesh need not be its process index.
     """
 
     def __init__(self, path, split, global_batch, seq_len, process_index, process_count, seed,
