@@ -166,9 +166,11 @@ def main(argv=None) -> int:
             print(planning.describe(p), flush=True)
             if cfg.launcher.dry_run:
                 planning.write_plan(cfg.run.dir, p)
-                print(f"[launcher] dry run: nothing created; plan in {cfg.run.dir}/plan.json")
-                return 0
+                print(f"[launcher] dry run: nothing created; plan in {cfg.run.dir}/plan.json", flush=True)
+            # a dry run answers "would this launch?": a plan a launch refuses exits with the launch's error
             planning.refuse_if_unfit(p)
+            if cfg.launcher.dry_run:
+                return 0
         use_run_token(cfg)  # before Ray is imported: it reads the auth mode once
         from launcher.supervisor import launch
 

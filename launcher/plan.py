@@ -1,8 +1,8 @@
 """The launch plan: topology, mesh, memory per chip (from the TPU compiler, or analytic), cost and step time, and
 the compiled step's FLOPs and the MFU XLA's cost model implies for it (trainer/preflight.py).
 
-`launcher.dry_run=true` writes it to ${run.dir}/plan.json and stops; a cloud launch computes it first and
-refuses to provision a step that does not fit in the chips' HBM.
+`launcher.dry_run=true` writes it to ${run.dir}/plan.json and stops (exit 2 with the launch's error when the step
+does not fit); a cloud launch computes it first and refuses to provision a step that does not fit in the chips' HBM.
 """
 import importlib.util
 import json

@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from launcher.plan import tpu_compiler_installed
+from launcher.errors import UserError
+from launcher.plan import refuse_if_unfit, tpu_compiler_installed
 from podutil import ROOT, explain, launch
 from tpu_api_server import TpuApiServer
 
@@ -60,3 +61,19 @@ def test_preflight_refuses_unfit_model_before_provisioning(tmp_path, corpus_cach
         assert "opt_state" in line[0]  # names the largest buffers
         assert server.requests == []  # nothing provisioned
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(not tpu_compiler_installed(), reason="needs the tpu extra (CI installs it)")
+def test_dry_run_of_unfit_plan_writes_it_then_exits_2_with_the_launch_error(tmp_path, corpus_cache):
+    # tiny's two MLPs widened to 1.07B parameters: 17 GiB a v5e chip, compiled as fast as tiny itself
+    run_dir = tmp_path / "r"
+    proc = launch("+cluster=v5litepod-16", "launcher.dry_run=true", "model=tiny", "model.d_ff=4194304",
+                  "data.max_bytes=1500000", f"run.dir={run_dir}")
+    assert proc.returncode == 2, explain(proc)
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["fits"] is False and plan["preflight"] == "tpu-compiler"
+    assert "DOES NOT FIT" in proc.stdout and f"plan in {run_dir}/plan.json" in proc.stdout  # printed, then refused
+    with pytest.raises(UserError) as refused:  # what a real launch of this plan stops with
+        refuse_if_unfit(plan)
+    assert proc.stderr.strip().splitlines() == [f"error: {refused.value}"]
+    assert os.listdir(run_dir) == ["plan.json"]  # nothing else written, nothing created
