@@ -122,7 +122,8 @@ class Loop:
         ckpt = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep, cfg.checkpoint.async_save,
                             cfg.checkpoint.get("ocdbt", True), on_event=ev)
         restored = None
-        if cfg.checkpoint.resume:
+        # the restore target traces the model's init: only built when there is a checkpoint to restore
+        if cfg.checkpoint.resume and ckpt.steps():
             self.beat(phase=PHASE_RESTORE)
             t_restore = time.time()
             target = abstract_state(self.model, self.tx, self.mesh, self.seq_len, shardings)
@@ -142,7 +143,7 @@ class Loop:
                 ev("init_from_ignored", path=cfg.checkpoint.init_from, resumed_from_step=start_step)
         else:
             start_step = 0
-            state, _ = create_state(self.model, self.tx, self.mesh, self.seq_len, int(cfg.trainer.seed))
+            state, _ = create_state(self.model, self.tx, self.mesh, self.seq_len, int(cfg.trainer.seed), shardings)
             if cfg.checkpoint.init_from:
                 state["params"] = self._warm_start(cfg.checkpoint.init_from, shardings["params"])
         if self.is_host0:  # a fresh file per attempt; what earlier ones logged past start_step is purged

@@ -39,9 +39,10 @@ def _make_fn(model, tx, seq_len: int):
     return make
 
 
-def create_state(model, tx, mesh, seq_len: int, seed: int) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """Initialise params and optimizer state inside jit with output shardings: never whole on one host."""
-    shardings = state_shardings(model, tx, mesh, seq_len)
+def create_state(model, tx, mesh, seq_len: int, seed: int, shardings=None) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Initialise params and optimizer state inside jit with output shardings: never whole on one host.
+    shardings: state_shardings' result when the caller has it (each derivation traces the whole model's init)."""
+    shardings = shardings or state_shardings(model, tx, mesh, seq_len)
     state = jax.jit(_make_fn(model, tx, seq_len), out_shardings=shardings)(jnp.uint32(seed))
     return state, shardings
 
