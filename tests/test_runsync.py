@@ -2,7 +2,8 @@
 import logging
 import os
 
-from launcher.runsync import apply_chunks, host_files, read_new
+from launcher import runsync
+from launcher.runsync import RunSync, apply_chunks, host_files, list_event_files, read_new
 
 
 def test_expected_names_are_written(tmp_path):
@@ -63,3 +64,56 @@ def test_read_new_then_apply_round_trip(tmp_path):
     offsets.update(apply_chunks(str(run), 2, offsets, read_new(str(host_dir), offsets)))
     assert offsets["logs/host-2.log"] == 14
     assert (run / "logs" / "host-2.log").read_bytes() == b"line 1\nline 2\n"
+
+
+class _Host:
+    """A host's actor as RunSync calls it (`.pull.remote`, `.event_files.remote`), run in this process; keeps what
+    each pull sent."""
+
+    def __init__(self):
+        self.sent = []
+        self.pull = type("M", (), {"remote": staticmethod(self._pull)})
+        self.event_files = type("M", (), {"remote": staticmethod(list_event_files)})
+
+    def _pull(self, root, offsets):
+        out = read_new(root, dict(offsets))
+        self.sent.append(sorted(out))
+        return out
+
+
+def test_an_unchanged_heartbeat_is_neither_sent_nor_rewritten(tmp_path, monkeypatch):
+    monkeypatch.setattr(runsync.ray, "get", lambda ref, timeout=None: ref)  # the stand-in actors answer at once
+    run = tmp_path / "run"
+    run.mkdir()
+    dirs = [tmp_path / f"host-{i}" for i in range(2)]
+    for i, d in enumerate(dirs):
+        (d / "hosts").mkdir(parents=True)
+        (d / "hosts" / f"host-{i}.json").write_bytes(b'{"step": 1}')
+    actors = [_Host(), _Host()]
+    sync = RunSync(str(run), actors, [str(d) for d in dirs])
+    sync.pull()
+    beats = [run / "hosts" / f"host-{i}.json" for i in range(2)]
+    assert [b.read_bytes() for b in beats] == [b'{"step": 1}'] * 2
+    assert [a.sent[-1] for a in actors] == [["hosts/host-0.json"], ["hosts/host-1.json"]]
+    for b in beats:  # a time no write of this test makes: a rewrite would change it
+        os.utime(b, ns=(10**18, 10**18))
+
+    (dirs[1] / "hosts" / "host-1.json").write_bytes(b'{"step": 2}')  # host 1 beats, host 0 does not
+    sync.pull()
+    assert [a.sent[-1] for a in actors] == [[], ["hosts/host-1.json"]]
+    assert beats[0].read_bytes() == b'{"step": 1}' and beats[0].stat().st_mtime_ns == 10**18
+    assert beats[1].read_bytes() == b'{"step": 2}' and beats[1].stat().st_mtime_ns != 10**18
+
+    # a new RunSync (the next attempt) asks for everything again; what is already here is not rewritten
+    sync = RunSync(str(run), actors, [str(d) for d in dirs])
+    sync.pull()
+    assert [a.sent[-1] for a in actors] == [["hosts/host-0.json"], ["hosts/host-1.json"]]
+    assert beats[0].stat().st_mtime_ns == 10**18
+
+
+def test_a_whole_file_sent_without_a_fingerprint_is_still_written(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "result.json").write_bytes(b'{"old": 1}')
+    assert apply_chunks(str(run), 0, host_files(0), {"result.json": (b'{"new": 1}', 0)}) == {}
+    assert (run / "result.json").read_bytes() == b'{"new": 1}'
