@@ -18,13 +18,14 @@ then one JSON line. Speed goals live here; the tests never assert wall-clock tim
     python bench/decode.py --quick --json out.json
 """
 import argparse
-import json
 import os
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from _jsonline import add_json_arg, emit  # noqa: E402 - bench/_jsonline.py, next to this file
 
 BATCHES = (1, 8)
 
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
     p.add_argument("--n-heads", type=int, default=8)
     p.add_argument("--max-seq-len", type=int, default=1024)
     p.add_argument("--positions", default="rotary", choices=("rotary", "learned"))
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the final JSON line to PATH")
+    add_json_arg(p)
     args = p.parse_args(argv)
     args.new_tokens = args.new_tokens or (16 if args.quick else 64)
     args.prompt_len = args.prompt_len or (16 if args.quick else 64)
@@ -158,12 +159,7 @@ def main(argv=None) -> int:
     result["cached_over_recompute"] = {"batch1": ratios[0], "batch8": ratios[1]}
     result["batch8_over_batch1"] = {"cached": b8["cached_tokens_per_s"] / b1["cached_tokens_per_s"],
                                     "recompute": b8["recompute_tokens_per_s"] / b1["recompute_tokens_per_s"]}
-    line = json.dumps(result, sort_keys=True)
-    print()
-    print(line, flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(line + "\n")
+    emit(result, args.json)
     return 0 if b1["match"] and b8["match"] else 1
 
 

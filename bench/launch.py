@@ -40,6 +40,7 @@ ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, BENCH)
 
+from _jsonline import add_json_arg, emit  # noqa: E402 - bench/_jsonline.py, next to this file
 from recovery import BenchError, Launch, read_jsonl  # noqa: E402 - bench/recovery.py, next to this file
 
 OURS_MILESTONES = ("ray_ready", "hosts_placed", "process_start", "distributed_ready", "ready",
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
                    help="another override for both sides' config (repeatable)")
     p.add_argument("--workdir", default=None, help="where runs go (default runs/bench/launch-<time>)")
     p.add_argument("--timeout", type=float, default=600, help="seconds any single wait may take (default 600)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the final JSON line to PATH")
+    add_json_arg(p)
     a = p.parse_args(argv)
     a.hosts = a.hosts or ("1,2" if a.quick else "1,2,4")
     a.rounds = a.rounds or (1 if a.quick else 2)
@@ -267,12 +268,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     out["bench_wall_s"] = round(time.time() - t0, 1)
-    line = json.dumps(out, sort_keys=True)
-    print()
-    print(line, flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            f.write(line + "\n")
+    emit(out, a.json)
     return 0
 
 

@@ -38,6 +38,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from _jsonline import add_json_arg, emit  # bench/_jsonline.py, next to this file (the script's directory)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOSTS = 2  # the local pod: cluster/local.yaml, 2 hosts x 2 CPU devices
 
@@ -433,7 +435,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", choices=("recovery", "goodput"), help="run one part only")
     p.add_argument("--workdir", default=None, help="where the run dirs go (default runs/bench/recovery-<time>)")
     p.add_argument("--timeout", type=float, default=600, help="seconds any single wait may take (default 600)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the final JSON line to PATH")
+    add_json_arg(p)
     args = p.parse_args(argv)
     quick = {"kills": 1, "every": 30.0, "minutes": 2.0, "calib_steps": 150}
     full = {"kills": 3, "every": 120.0, "minutes": 8.0, "calib_steps": 300}
@@ -469,12 +471,7 @@ def main(argv=None) -> int:
         print_goodput(result["goodput"])
     ok = "goodput" not in result or result["goodput"]["params_digest_match"]
     result["ok"] = ok
-    line = json.dumps(result, sort_keys=True)
-    print()
-    print(line, flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(line + "\n")
+    emit(result, args.json)
     return 0 if ok else 1
 
 

@@ -23,7 +23,6 @@ one JSON line. Needs the bench extra (`pip install -e ".[test,tpu,bench]"`). The
     python bench/recovery_vs.py --quick       # smoke: 1 round
 """
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -38,6 +37,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, BENCH)
 
 import recovery  # noqa: E402 - bench/recovery.py
+from _jsonline import add_json_arg, emit  # noqa: E402 - bench/_jsonline.py
 from launch import RefRun  # noqa: E402 - bench/launch.py
 from recovery import BenchError  # noqa: E402
 
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
                    help="another override for both sides' config (repeatable)")
     p.add_argument("--workdir", default=None, help="where runs go (default runs/bench/recovery-vs-<time>)")
     p.add_argument("--timeout", type=float, default=600, help="seconds any single wait may take (default 600)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the final JSON line to PATH")
+    add_json_arg(p)
     a = p.parse_args(argv)
     a.rounds = a.rounds or (1 if a.quick else 2)
     if a.kill_offset is None:
@@ -175,12 +175,7 @@ def main(argv=None) -> int:
            "bench_wall_s": round(time.time() - t0, 1)}
     print(f"[bench] kill -> first resumed step: ours {o:.2f} s, JaxTrainer {t:.2f} s, ratio {o / t:.3f}; steps lost "
           f"ours {out['lost_steps']['ours']}, JaxTrainer {out['lost_steps']['ray_train']}", flush=True)
-    line = json.dumps(out, sort_keys=True)
-    print()
-    print(line, flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            f.write(line + "\n")
+    emit(out, a.json)
     return 0
 
 
