@@ -81,16 +81,19 @@ def test_second_launch_compiles_from_the_cache_on_every_host_and_off_touches_non
     for host, stats in cold.items():  # every host compiled; jax's own entries come from process 0 only
         assert stats["dir"] == cache and stats["hits"] == 0 and stats["requests"] > 0, stats
         assert (stats["writes"] > 0) == (host == 0) and stats["requests"] >= stats["writes"], stats
-        assert stats["steps_compiled"] == 1 and stats["steps_loaded"] == 0, stats  # the train step, kept per process
+        # the state's init and the train step, kept per process
+        assert stats["steps_compiled"] == 2 and stats["steps_loaded"] == 0, stats
     assert any(n.endswith("-cache") for n in os.listdir(cache)), os.listdir(cache)
-    assert len([n for n in os.listdir(os.path.join(cache, "aot")) if n.startswith("train_step-")]) == 2
+    for name in ("init_state-", "train_step-"):
+        assert len([n for n in os.listdir(os.path.join(cache, "aot")) if n.startswith(name)]) == 2, name
     skip = len(read_jsonl(os.path.join(run_dir, "events.jsonl")))
 
     second = launch(*common, "trainer.steps=4", env=env)  # resumes from step 2: a new attempt, new processes
     assert second.returncode == 0, explain(second)
     warm = _first_steps(run_dir, skip)
     assert sorted(warm) == [0, 1]
-    for host, stats in warm.items():  # every host loaded its train step from disk; host 0 also hit jax's cache
+    # every host loaded its train step from disk (a resumed run has no init); host 0 also hit jax's cache
+    for host, stats in warm.items():
         assert stats["steps_loaded"] == 1 and stats["steps_compiled"] == 0, (host, stats)
         assert (stats["hits"] > 0) == (host == 0), (host, stats)
     before = _entries(cache)

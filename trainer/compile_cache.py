@@ -11,7 +11,8 @@ Two layers, public APIs only:
   JAX process 0 only (it expects one directory every host shares), and on CPU a program's key differs from one
   process to the next (compile options and device topology carry the process), so of a multi-process run only
   process 0 ever hits it.
-- so the steps that cost the compile time, the train and eval steps, are also kept per process: `Persistent`
+- so the programs that cost the compile time, the state's init and the train and eval steps, are also kept per
+  process: `Persistent`
   lowers a jitted step on its first call, and loads its executable from `aot/<key>` (written by this process in
   an earlier attempt or launch, through jax.experimental.serialize_executable) or compiles it and writes it there,
   atomically. The key is a SHA-256 of the lowered program's text (shapes, dtypes, shardings), this process's id

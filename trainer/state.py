@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from trainer import compile_cache
 from trainer.sharding import logical_to_sharding, replicated
 
 
@@ -43,7 +44,9 @@ def create_state(model, tx, mesh, seq_len: int, seed: int, shardings=None) -> Tu
     """Initialise params and optimizer state inside jit with output shardings: never whole on one host.
     shardings: state_shardings' result when the caller has it (each derivation traces the whole model's init)."""
     shardings = shardings or state_shardings(model, tx, mesh, seq_len)
-    state = jax.jit(_make_fn(model, tx, seq_len), out_shardings=shardings)(jnp.uint32(seed))
+    # kept per process like the steps: jax's own cache serves only process 0 of a CPU pod (compile_cache.py)
+    make = compile_cache.Persistent(jax.jit(_make_fn(model, tx, seq_len), out_shardings=shardings), "init_state")
+    state = make(jnp.uint32(seed))
     return state, shardings
 
 
