@@ -105,3 +105,44 @@ def test_second_launch_compiles_from_the_cache_on_every_host_and_off_touches_non
     assert third.returncode == 0, explain(third)
     assert _first_steps(off_dir, 0) == {0: {"dir": None}, 1: {"dir": None}}
     assert _entries(cache) == before
+
+
+PERSISTENT = """
+import json, os, sys
+import jax, jax.numpy as jnp
+from trainer import compile_cache
+compile_cache.enable(sys.argv[1])
+step = compile_cache.Persistent(jax.jit(lambda x: {"a": jnp.broadcast_to(x, (4, 8)) * 2, "b": jnp.zeros(3) + x}),
+                                "probe")
+out = step(jnp.float32(1.5))
+print(json.dumps({"a": float(out["a"].sum()), "b": float(out["b"].sum()), **compile_cache.stats()}))
+"""
+
+
+def test_an_executable_from_jax_own_cache_is_not_kept_again(tmp_path):
+    """Of a program jax's own cache already holds (process 0), Persistent keeps no entry: XLA:CPU serializes an
+    executable jax loaded from its cache without its kernels, and loading that entry later would fail to run
+    ("Function ... not found"). Whichever way each later process gets the program, it computes the same."""
+    cache = str(tmp_path / "cache")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+
+    def run():
+        proc = subprocess.run([sys.executable, "-c", PERSISTENT, cache], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        import json
+
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert (out["a"], out["b"]) == (96.0, 4.5), out
+        return out
+
+    first = run()  # compiled: jax's entry and Persistent's
+    assert first["steps_compiled"] == 1 and first["hits"] == 0
+    aot = os.path.join(cache, "aot")
+    assert len(os.listdir(aot)) == 1
+    for name in os.listdir(aot):
+        os.remove(os.path.join(aot, name))
+    second = run()  # jax's cache has it, Persistent's does not: served by jax, nothing written to aot/
+    assert second["hits"] >= 1 and os.listdir(aot) == []
+    third = run()
+    assert third["hits"] >= 1 and os.listdir(aot) == []

@@ -43,6 +43,10 @@ _EVENTS = {"/jax/compilation_cache/compile_requests_use_cache": "requests",
            "/jax/compilation_cache/cache_misses": "writes"}  # jax records a "miss" when it writes an entry
 _counts: Dict[str, int] = {}  # also "steps_loaded" / "steps_compiled": Persistent's own
 _lock = threading.Lock()
+_thread = threading.local()  # .hits: jax cache hits of compiles in this thread (jax reports them synchronously)
+# Part of every Persistent key: entries of an earlier format are never loaded (format 1 could hold an executable
+# that jax had loaded from its own cache, which XLA:CPU serializes without its kernels: "Function ... not found").
+AOT_FORMAT = "2"
 _enabled_dir: Optional[str] = None
 
 
@@ -94,6 +98,8 @@ def _count(event: str, **_) -> None:
     if name is not None:
         with _lock:
             _counts[name] = _counts.get(name, 0) + 1
+        if name == "hits":
+            _thread.hits = getattr(_thread, "hits", 0) + 1
 
 
 def _count_step(name: str) -> None:
@@ -127,7 +133,7 @@ class Persistent:
             lowered.as_text(), f"process {jax.process_index()} of {jax.process_count()}",
             " ".join(f"{d.id}@{d.process_index}" for d in jax.devices()), jax.__version__,
             jaxlib.__version__, os.environ.get("XLA_FLAGS", ""),
-            os.environ.get("LIBTPU_INIT_ARGS", "")]).encode()).hexdigest()
+            os.environ.get("LIBTPU_INIT_ARGS", ""), f"aot format {AOT_FORMAT}"]).encode()).hexdigest()
         path = os.path.join(_enabled_dir, "aot", f"{self.name}-{key}")
         if os.path.exists(path):
             try:
@@ -138,8 +144,13 @@ class Persistent:
                 return compiled
             except Exception as e:  # noqa: BLE001 - a damaged or foreign entry: compile and replace it
                 log.warning("compile cache: could not load %s (%s); compiling it again", path, first_line(e))
+        hits = getattr(_thread, "hits", 0)
         compiled = lowered.compile()
         _count_step("steps_compiled")
+        if getattr(_thread, "hits", 0) > hits:
+            # jax's own cache had it (process 0): serialized again, an executable jax loaded from its cache
+            # misses its kernels on XLA:CPU; jax's cache serves this process next time anyway
+            return compiled
         try:
             write_atomic(path, pickle.dumps(serialize_executable.serialize(compiled)))
         except Exception as e:  # noqa: BLE001 - a cache that cannot be written never stops a run
