@@ -41,6 +41,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, BENCH)
 
 from _jsonline import add_json_arg, emit  # noqa: E402 - bench/_jsonline.py, next to this file
+from _quiet import wait_until_quiet  # noqa: E402 - bench/_quiet.py, next to this file
 from recovery import BenchError, Launch, read_jsonl  # noqa: E402 - bench/recovery.py, next to this file
 
 OURS_MILESTONES = ("ray_ready", "hosts_placed", "process_start", "distributed_ready", "ready",
@@ -250,6 +251,7 @@ def main(argv=None) -> int:
                 sides = ("ours", "ray_train") if r % 2 == 0 else ("ray_train", "ours")
                 for side in sides:
                     run_dir = os.path.join(workdir, f"{side}-{hosts}h-r{r + 1}")
+                    wait_until_quiet()  # the previous side's Ray processes may still be exiting
                     x = ours(a, hosts, run_dir) if side == "ours" else reference(a, hosts, run_dir)
                     res[side].append(x)
                     print(f"[bench] {hosts} host(s) round {r + 1} {side}: {x['total_s']:.2f} s to the first step on "

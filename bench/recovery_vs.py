@@ -38,6 +38,7 @@ sys.path.insert(0, BENCH)
 
 import recovery  # noqa: E402 - bench/recovery.py
 from _jsonline import add_json_arg, emit  # noqa: E402 - bench/_jsonline.py
+from _quiet import wait_until_quiet  # noqa: E402 - bench/_quiet.py
 from launch import RefRun  # noqa: E402 - bench/launch.py
 from recovery import BenchError  # noqa: E402
 
@@ -155,6 +156,7 @@ def main(argv=None) -> int:
         for r in range(a.rounds):
             for side in (("ours", "ray_train") if r % 2 == 0 else ("ray_train", "ours")):
                 d = os.path.join(workdir, f"{side}-r{r + 1}")
+                wait_until_quiet()  # the previous side's Ray processes may still be exiting
                 x = ours(a, d) if side == "ours" else reference(a, d)
                 res[side].append(x)
                 print(f"[bench] round {r + 1} {side}: kill -> first resumed step {x['total_s']:.2f} s, "

@@ -28,6 +28,9 @@ from typing import Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _quiet import wait_until_quiet  # noqa: E402 - bench/_quiet.py, next to this file
 
 BARE = r'''
 import json, os, sys, time
@@ -148,9 +151,11 @@ def main(argv=None) -> int:
         hosts, devices = (int(x) for x in layout.split("x"))
         ours, bare, waits = [], [], []
         for r in range(a.rounds):
+            wait_until_quiet()
             t = trainer_side(a, hosts, devices, a.workdir)
             ours.append(t["step_time_s"])
             waits.append(t["data_wait_s"])
+            wait_until_quiet()  # the local pod's Ray processes may still be exiting: not the bare step's time
             bare.append(bare_side(a, hosts * devices, t["config"]))
             print(f"{layout} round {r + 1}: trainer {ours[-1]:.4f} s/step (data wait {waits[-1]:.4f}) | "
                   f"bare jit {bare[-1]:.4f} s/step", flush=True)
