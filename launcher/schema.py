@@ -25,8 +25,9 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
     scan_layers: bool = False  # one nn.scan over the blocks: compile time flat in depth (params stacked per layer)
     remat: str = "none"  # recompute block activations in the backward pass: none | full | dots_saveable
-    # training attention: auto (the Pallas splash kernel on a TPU mesh when the shapes allow, else xla) | xla
-    # (jax.nn.dot_product_attention) | splash (the kernel, or an error where it cannot run)
+    # training attention: auto (the Pallas splash kernel on a TPU mesh when the shapes allow; off TPU blocked where
+    # seq_len splits into blocks of 64+; else xla) | xla (jax.nn.dot_product_attention) | splash (the kernel, or
+    # an error where it cannot run) | blocked (causal query blocks that skip the keys they cannot see)
     attention: str = "auto"
 
 

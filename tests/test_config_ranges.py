@@ -40,7 +40,7 @@ CASES = {
     "model.dtype": ("float16", "unknown dtype 'float16' (choose one of: float32, bfloat16)"),
     "model.scan_layers": BOOL,
     "model.remat": ("offload", "unknown remat policy 'offload' (choose one of: none, full, dots_saveable)"),
-    "model.attention": ("flash", "unknown attention 'flash' (choose one of: auto, xla, splash)"),
+    "model.attention": ("flash", "unknown attention 'flash' (choose one of: auto, xla, splash, blocked)"),
 
     "data.name": NO_RANGE + "free-form label of the data= group (no data.path: a data.path error)",
     "data.path": ("{t}/missing", "does not exist"),

@@ -344,6 +344,40 @@ def test_splash_kernel_computes_what_xla_attention_computes():
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("length, blocks", [(256, 4), (192, 3), (1024, 8)])
+def test_blocked_attention_computes_what_xla_attention_computes(length, blocks):
+    """The causal query blocks (model.attention=blocked, auto off TPU): outputs and q/k/v gradients equal causal
+    jax.nn.dot_product_attention's, though the blocks above the diagonal are never computed."""
+    from trainer.model import attention_blocks, blocked_attention
+
+    assert attention_blocks(length) == blocks
+    keys = jax.random.split(jax.random.key(1), 4)
+    q, k, v, w = (jax.random.normal(key, (2, length, 2, 32), jnp.float32) for key in keys)
+    np.testing.assert_allclose(jax.jit(blocked_attention)(q, k, v),
+                               jax.nn.dot_product_attention(q, k, v, is_causal=True), atol=1e-5)
+    blocked = lambda q, k, v: jnp.sum(blocked_attention(q, k, v) * w)  # noqa: E731
+    xla = lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(q, k, v, is_causal=True) * w)  # noqa: E731
+    grads = jax.jit(jax.grad(blocked, argnums=(0, 1, 2)))(q, k, v), jax.grad(xla, argnums=(0, 1, 2))(q, k, v)
+    for got, want in zip(*grads):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_attention_auto_is_blocked_off_tpu_where_the_sequence_splits():
+    from trainer.model import attention_blocks, training_attention
+
+    mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:2])
+    spec = tiny_spec()
+    assert [attention_blocks(n) for n in (16, 64, 100, 128, 4096)] == [None, None, None, 2, 8]
+    assert training_attention(spec, mesh, 256) == "blocked" and training_attention(spec, None, 256) == "blocked"
+    assert training_attention(spec, mesh, 64) == "xla"  # one block: the whole score matrix anyway
+    assert training_attention(dataclasses.replace(spec, attention="xla"), mesh, 256) == "xla"
+    toks = tokens_for(spec, batch=2, length=256)
+    params = TransformerLM(spec).init(jax.random.key(0), toks)["params"]
+    np.testing.assert_allclose(TransformerLM(spec, mesh).apply({"params": params}, toks),
+                               TransformerLM(dataclasses.replace(spec, attention="xla"), mesh).apply(
+                                   {"params": params}, toks), atol=1e-4)
+
+
 def test_attention_auto_is_xla_off_tpu_and_splash_there_is_an_error():
     from trainer.model import splash_problem, use_splash
 

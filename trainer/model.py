@@ -24,7 +24,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # What a block keeps for the backward pass: everything (none), only its inputs (full), or its matmul outputs.
 REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
                   "dots_saveable": jax.checkpoint_policies.dots_saveable}
-ATTENTION = ("auto", "xla", "splash")
+ATTENTION = ("auto", "xla", "splash", "blocked")
+BLOCKED_MIN, BLOCKED_MAX_BLOCKS = 64, 8  # blocked attention: query blocks of at least 64 rows, at most 8 of them
 SPLASH_BLOCKS = (512, 256, 128)  # the splash kernel's q/kv block: the largest of these that divides seq_len
 
 
@@ -110,12 +111,52 @@ def splash_problem(spec: ModelSpec, mesh, seq_len: int, batch: Optional[int] = N
 
 def use_splash(spec: ModelSpec, mesh, seq_len: int, batch: Optional[int] = None) -> bool:
     """model.attention resolved for this mesh and shape; `splash` that cannot run raises ValueError."""
-    if spec.attention == "xla":
+    if spec.attention in ("xla", "blocked"):
         return False
     problem = splash_problem(spec, mesh, seq_len, batch)
     if spec.attention == "splash" and problem:
         raise ValueError(f"model.attention=splash: {problem} (use model.attention=auto or xla)")
     return problem is None
+
+
+def attention_blocks(seq_len: int) -> Optional[int]:
+    """How many query blocks `blocked_attention` splits seq_len into (None: fewer than 2 blocks of 64 rows)."""
+    if seq_len % BLOCKED_MIN or seq_len < 2 * BLOCKED_MIN:
+        return None
+    return min(seq_len // BLOCKED_MIN, BLOCKED_MAX_BLOCKS)
+
+
+def training_attention(spec: ModelSpec, mesh, seq_len: int, batch: Optional[int] = None) -> str:
+    """model.attention resolved for this mesh (None: the default backend) and shape: splash, blocked or xla.
+    auto: the splash kernel on a TPU mesh that allows it; off TPU blocked where seq_len splits into blocks; else
+    xla. `splash` that cannot run raises ValueError."""
+    if use_splash(spec, mesh, seq_len, batch):
+        return "splash"
+    on_tpu = all(d.platform == "tpu" for d in mesh.devices.flat) if mesh is not None else \
+        jax.default_backend() == "tpu"
+    if spec.attention == "blocked" or (spec.attention == "auto" and not on_tpu):
+        return "blocked" if attention_blocks(seq_len) else "xla"
+    return "xla"
+
+
+def blocked_attention(q, k, v):
+    """Causal attention in query blocks, each against only the keys it can see (a prefix of the sequence): the
+    score blocks above the diagonal are never built, so of n blocks about (n + 1) / 2n of the full score matrix's
+    matmul work and softmax remain. Softmax in float32 over each query's visible keys: what the causal mask leaves
+    of the full row. q, k, v [batch, length, heads, head_dim]."""
+    length, head_dim = q.shape[1], q.shape[3]
+    blocks = attention_blocks(length)
+    size = length // blocks
+    q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
+    out = []
+    for i in range(blocks):
+        seen = (i + 1) * size
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q[:, i * size:seen], k[:, :seen],
+                            preferred_element_type=jnp.float32)
+        visible = jnp.arange(seen)[None, :] <= (i * size + jnp.arange(size))[:, None]
+        probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+        out.append(jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v[:, :seen]))
+    return jnp.concatenate(out, axis=1)
 
 
 def splash_attention(q, k, v, mesh, interpret: bool = False):
@@ -162,8 +203,12 @@ class Attention(nn.Module):
         # jax.nn.dot_product_attention: the fused (or, on TPU, the compiler's own) attention instead of a score
         # tensor built by hand; softmax in float32 either way.
         # init (a batch of 1, only the parameters' shapes matter) always takes XLA's attention
-        if cache is None and not self.is_initializing() and use_splash(s, self.mesh, x.shape[1], x.shape[0]):
+        kind = "xla" if cache is not None or self.is_initializing() else \
+            training_attention(s, self.mesh, x.shape[1], x.shape[0])
+        if kind == "splash":
             out = splash_attention(q, k, v, self.mesh)
+        elif kind == "blocked":
+            out = blocked_attention(q, k, v)
         elif cache is None:
             out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         else:

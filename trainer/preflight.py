@@ -168,13 +168,13 @@ def compile_for_topology(cfg, topology_name: str, chip: Chip, num_slices: int = 
     except ValueError as e:
         raise PreflightError(f"{e} (topology {topology_name} x {num_slices} slice(s) gives {len(devices)} "
                              f"devices)") from None
-    from trainer.model import use_splash
+    from trainer.model import training_attention
 
     spec = _model_parts(cfg)[0]
     batch, seq_len = int(cfg.trainer.batch_size), int(cfg.model.seq_len)
     _check_batch(batch, mesh.shape)
     try:
-        attention = "splash" if use_splash(spec, mesh, seq_len) else "xla"
+        attention = training_attention(spec, mesh, seq_len)
     except ValueError as e:
         raise PreflightError(str(e)) from None
 
