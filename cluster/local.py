@@ -6,6 +6,7 @@ Every node runs with `node_ip_address=127.0.0.1`, so all of the pod's ports list
 with the run's Ray token (launcher/auth.py sets it in the environment the nodes inherit).
 """
 import logging
+import os
 import socket
 import time
 from typing import List, Optional, Union
@@ -24,12 +25,34 @@ LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 # machine whose cores the hosts share: the autoscaler's monitor (there is no autoscaler; drains and node status
 # come from the GCS) and the log monitor (trainers log to the run directory; the driver takes no worker logs).
 LEAN = {"no_monitor": True, "include_log_monitor": False}
+# Ray's bookkeeping processes (GCS, dashboard, agents) run at the lowest CPU priority, below the trainers whose
+# cores they share: Ray starts its workers, and so each host's actor and the trainer it spawns, at nice 15
+# (Ray's worker_niceness), so at Ray's own 0 every wake-up of theirs would preempt a training step on a 2-core
+# machine. Raylets keep 0: they start the workers, and a host is lost if its raylet stops answering.
+DAEMON_NICE = 19
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
+
+
+def yield_cpu(pids, spare=(), keep_thread: Optional[int] = None) -> None:
+    """Every thread of these processes (but those named in spare, and the thread keep_thread) at DAEMON_NICE: on
+    Linux a priority is a thread's, and a thread or process started later takes its creator's."""
+    import psutil  # comes with ray[default]
+
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if proc.name() in spare:
+                continue
+            for thread in proc.threads():
+                if thread.id != keep_thread and os.getpriority(os.PRIO_PROCESS, thread.id) < DAEMON_NICE:
+                    os.setpriority(os.PRIO_PROCESS, thread.id, DAEMON_NICE)
+        except (psutil.Error, OSError):  # exited meanwhile, or not ours to change: it keeps its priority
+            continue
 
 
 def cpu_host_env(spec: SliceSpec, worker_id: int) -> dict:
@@ -62,6 +85,7 @@ class LocalProvider:
                 self.nodes.append(self.add_host(spec, worker_id, wait=False))
                 self.hosts.append((spec, worker_id))
         self.cluster.wait_for_nodes()
+        yield_cpu([p["pid"] for p in self.processes()], spare=("raylet",))
         log.info("local pod: %d hosts up in %.1fs", len(self.nodes), time.time() - t0)
         return self.cluster.address
 
@@ -90,6 +114,7 @@ class LocalProvider:
             replaced.append(node.node_id)
         if replaced:
             self.cluster.wait_for_nodes()
+            yield_cpu([p["pid"] for p in self.processes()], spare=("raylet",))
         return replaced
 
     def processes(self) -> List[dict]:

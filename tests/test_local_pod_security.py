@@ -47,6 +47,21 @@ def _listeners(root: psutil.Process):
     return out
 
 
+def _priorities(root: psutil.Process):
+    """{"raylet" | "gcs_server" | "trainer": the nice values of its processes' threads} in root's tree, or None
+    while no trainer runs yet."""
+    out = {}
+    for proc in root.children(recursive=True):
+        try:
+            cmd = " ".join(proc.cmdline())
+            kind = "trainer" if "trainer.main" in cmd else proc.name()
+            if kind in ("raylet", "gcs_server", "trainer"):
+                out.setdefault(kind, set()).update(os.getpriority(os.PRIO_PROCESS, t.id) for t in proc.threads())
+        except (psutil.Error, OSError):
+            continue
+    return out if "trainer" in out else None
+
+
 def _no_token_env(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     env.update(HOME=str(tmp_path / "stranger"), PYTHONPATH=ROOT, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
@@ -62,11 +77,12 @@ def test_local_pod_is_loopback_only_and_refuses_strangers(tmp_path, corpus_cache
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     root = psutil.Process(proc.pid)
     seen, address = set(), None
-    stranger = job_status = None
+    stranger = job_status = priorities = None
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
             seen.update(_listeners(root))
+            priorities = priorities or _priorities(root)
             if address is None and (run_dir / "events.jsonl").exists():
                 ready = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "ray_ready"]
                 address = ready[0]["address"] if ready else None
@@ -104,6 +120,11 @@ def test_local_pod_is_loopback_only_and_refuses_strangers(tmp_path, corpus_cache
              p.read_text(errors="replace")]
     assert leaks == [] and token not in out
     assert read_json(run_dir / "summary.json")["status"] == "completed"
+    # Ray's bookkeeping yields the shared cores to the trainers (cluster/local.py DAEMON_NICE); raylets and the
+    # trainers keep their own priorities (0, and Ray's worker niceness)
+    assert priorities is not None
+    assert priorities["gcs_server"] == {19} and priorities["raylet"] == {0}, priorities
+    assert max(priorities["trainer"]) < 19, priorities
 
 
 def _job_server_status(seen, token_file):
