@@ -5,7 +5,8 @@ Side A is the real CLI (`python -m launcher`) on a local pod: its step time is r
 step time there). Side B is a minimal bare-JAX program in its own process: the same TransformerLM and the same
 AdamW (trainer/optim.py), one `jax.jit` train step with the batch sharded over the same number of devices, random
 tokens, timed over the same number of steps after a warm-up. The sides alternate, `--rounds` times each; the
-medians are compared. MFU is model FLOPs per step (trainer/flops.py: 6 x params x tokens + causal attention at
+medians are compared (`ratio`), and so is each round's pair, run back to back (`paired_ratio`, the median of the
+rounds' own ratios: blind to the machine's drift between rounds). MFU is model FLOPs per step (trainer/flops.py: 6 x params x tokens + causal attention at
 half) over step time x the peak FLOP/s of a jitted float32 matmul measured in this run (trainer/peak.py's measure:
 the machine's peak, as launcher/mfu.py takes it for a local pod).
 
@@ -165,11 +166,15 @@ def main(argv=None) -> int:
         o, b = statistics.median(ours), statistics.median(bare)
         out["layouts"][layout] = {
             "trainer_step_s": round(o, 4), "bare_step_s": round(b, 4), "ratio": round(o / b, 4),
+            # each round's sides run back to back: their ratio is blind to the machine's drift between rounds
+            "round_ratios": [round(x / y, 4) for x, y in zip(ours, bare)],
+            "paired_ratio": round(statistics.median(x / y for x, y in zip(ours, bare)), 4),
             "trainer_data_wait_s": round(statistics.median(waits), 5),
             "model_flops_per_step": flops, "peak_flops": peak,
             "trainer_mfu": round(flops / o / peak, 4), "bare_mfu": round(flops / b / peak, 4),
             "each": {"trainer": [round(x, 4) for x in ours], "bare": [round(x, 4) for x in bare]}}
-        print(f"{layout}: trainer / bare = {o / b:.3f} | MFU trainer {flops / o / peak:.1%}, "
+        print(f"{layout}: trainer / bare = {o / b:.3f} (median of the rounds' own ratios "
+              f"{statistics.median(x / y for x, y in zip(ours, bare)):.3f}) | MFU trainer {flops / o / peak:.1%}, "
               f"bare {flops / b / peak:.1%} (this machine's matmul peak {peak / 1e9:.1f} GFLOP/s)",
               flush=True)
     print(json.dumps(out))
