@@ -38,9 +38,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def yield_cpu(pids, spare=(), keep_thread: Optional[int] = None) -> None:
-    """Every thread of these processes (but those named in spare, and the thread keep_thread) at DAEMON_NICE: on
-    Linux a priority is a thread's, and a thread or process started later takes its creator's."""
+def yield_cpu(pids, spare=()) -> None:
+    """Every thread of these processes (but those named in spare) at DAEMON_NICE: on Linux a priority is a
+    thread's, and a thread or process started later takes its creator's. (Not the host actors: a threaded actor
+    runs each attempt's `run` on any of its threads, and the trainer it spawns takes that thread's priority.)"""
     import psutil  # comes with ray[default]
 
     for pid in pids:
@@ -49,7 +50,7 @@ def yield_cpu(pids, spare=(), keep_thread: Optional[int] = None) -> None:
             if proc.name() in spare:
                 continue
             for thread in proc.threads():
-                if thread.id != keep_thread and os.getpriority(os.PRIO_PROCESS, thread.id) < DAEMON_NICE:
+                if os.getpriority(os.PRIO_PROCESS, thread.id) < DAEMON_NICE:
                     os.setpriority(os.PRIO_PROCESS, thread.id, DAEMON_NICE)
         except (psutil.Error, OSError):  # exited meanwhile, or not ours to change: it keeps its priority
             continue
@@ -101,7 +102,7 @@ class LocalProvider:
         import ray
 
         alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-        replaced = []
+        replaced, fresh = [], []
         for k, node in enumerate(self.nodes):
             if node.node_id in alive and node.node_id not in set(bad_node_ids):
                 continue
@@ -112,21 +113,26 @@ class LocalProvider:
             spec, worker_id = self.hosts[k]
             self.nodes[k] = self.add_host(spec, worker_id, wait=False)
             replaced.append(node.node_id)
+            fresh.append(self.nodes[k])
         if replaced:
             self.cluster.wait_for_nodes()
-            yield_cpu([p["pid"] for p in self.processes()], spare=("raylet",))
+            # the new nodes only: the others' children now include host workers and trainers
+            yield_cpu([p["pid"] for p in self.processes(fresh)], spare=("raylet",))
         return replaced
 
-    def processes(self) -> List[dict]:
+    def processes(self, nodes=None) -> List[dict]:
         """This pod's running Ray processes (head and raylets) as {"pid", "start_time"}, recorded so a later
         launch can clean up after a supervisor that died without shutting them down. The start time
-        (cluster/hygiene.py::process_start_time) tells a recorded process from a later one reusing its pid."""
+        (cluster/hygiene.py::process_start_time) tells a recorded process from a later one reusing its pid.
+        nodes: only these nodes' processes (default: the head's and every host's)."""
         import psutil  # comes with ray[default]
 
         from cluster.hygiene import process_start_time
 
         pids = []
-        for node in ([self.cluster.head_node] if self.cluster and self.cluster.head_node else []) + self.nodes:
+        if nodes is None:
+            nodes = ([self.cluster.head_node] if self.cluster and self.cluster.head_node else []) + self.nodes
+        for node in nodes:
             for infos in node.all_processes.values():
                 for info in infos:
                     if info.process is not None and info.process.poll() is None:

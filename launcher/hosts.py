@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from typing import Dict, List, Optional
 
 import ray
@@ -18,7 +17,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.hygiene import clean_host
-from cluster.local import CPU_DEVICES_ENV, yield_cpu
+from cluster.local import CPU_DEVICES_ENV
 from cluster.maintenance import GCE_METADATA_URL, METADATA_URL_ENV, MaintenanceWatch
 from cluster.slice import SliceSpec
 from launcher.runsync import WHOLE, list_event_files, read_new
@@ -114,9 +113,6 @@ class HostActor:
             self.proc = subprocess.Popen([sys.executable, *argv], env=full_env, cwd=cwd, stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
-            if cpu_devices:  # a local pod: this actor's Ray threads yield the shared cores to the trainer; this
-                # thread keeps its priority (Ray's worker_niceness), which the next attempt's trainer takes from it
-                yield_cpu([os.getpid()], keep_thread=threading.get_native_id())
             watch = self._watch_maintenance(log, cpu_devices)
             try:
                 code = self.proc.wait()
