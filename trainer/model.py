@@ -110,7 +110,8 @@ def splash_problem(spec: ModelSpec, mesh, seq_len: int, batch: Optional[int] = N
 
 
 def use_splash(spec: ModelSpec, mesh, seq_len: int, batch: Optional[int] = None) -> bool:
-    """model.attention resolved for this mesh and shape; `splash` that cannot run raises ValueError."""
+    """Whether the splash kernel runs this model's training attention on this mesh and shape (training_attention
+    resolves model.attention as a whole); `splash` that cannot run raises ValueError."""
     if spec.attention in ("xla", "blocked"):
         return False
     problem = splash_problem(spec, mesh, seq_len, batch)
