@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,6 +27,31 @@ def tpu_launch(*args, cwd=None, timeout=300):
                                               else "")}
     return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=cwd or ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def finish(proc, timeout=60):
+    """Wait for `proc` to end and return (stdout, stderr) from where the test's readline()s stopped.
+
+    Not proc.communicate(timeout=...): with a timeout it reads the pipes' file descriptors directly, and drops
+    what a readline() had already buffered from them (often every line the process had printed so far)."""
+    got = {}
+
+    def drain(name):
+        pipe = getattr(proc, name)
+        got[name] = pipe.read() if pipe else None
+
+    timer = threading.Timer(timeout, proc.kill)  # a process that never ends fails the test, not hangs it
+    timer.start()
+    readers = [threading.Thread(target=drain, args=(name,)) for name in ("stdout", "stderr")]
+    try:
+        for t in readers:  # both at once: a process blocked on a full stderr pipe never closes its stdout
+            t.start()
+        for t in readers:
+            t.join()
+        proc.wait()
+    finally:
+        timer.cancel()
+    return got["stdout"], got["stderr"]
 
 
 def read_json(path):

@@ -10,6 +10,7 @@ import pytest
 
 from launcher.errors import UserError
 from launcher.rundir import RunDir
+from podutil import finish
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -184,7 +185,7 @@ def test_cli_follows_a_run_dir_locked_by_a_live_launch_and_detaches(tmp_path, ho
     seen = _wait_for_line(cli, "is live")
     assert f"supervisor pid {proc.pid}" in seen[-1] and "following it" in seen[-1]
     cli.send_signal(signal.SIGINT)  # Ctrl-C detaches the follower, nothing else
-    out, err = cli.communicate(timeout=60)
+    out, err = finish(cli)
     assert cli.returncode == 0, (out, err)
     assert "detached; the run goes on" in out and "Traceback" not in out + err
     # a second supervisor never started: no config/events written, no Ray, no trainer
@@ -202,7 +203,7 @@ def test_cli_follower_reports_a_supervisor_that_died(tmp_path, holder):
     _wait_for_line(cli, "is live")
     proc.kill()  # the supervisor dies without a summary; the kernel releases its lock
     proc.wait()
-    out, err = cli.communicate(timeout=60)
+    out, err = finish(cli)
     assert cli.returncode == 1, (out, err)
     assert "ended without writing summary.json" in err and "type the same command again" in err
 

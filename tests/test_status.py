@@ -12,7 +12,7 @@ import pytest
 
 from chaos import Chaos
 from cluster.hygiene import kill_recorded
-from podutil import ROOT, TINY, explain, read_json, tpu_launch
+from podutil import ROOT, TINY, explain, finish, read_json, tpu_launch
 from trainer import runfiles
 
 
@@ -97,7 +97,7 @@ def test_live_run_then_its_launcher_killed_is_supervisor_lost(tmp_path, corpus_c
 
         os.kill(chaos.proc.pid, signal.SIGKILL)  # the supervisor dies; its pod and trainers are left behind
         chaos.proc.wait(timeout=30)
-        followed, _ = follow.communicate(timeout=60)  # --follow ends once no launcher holds the run
+        followed, _ = finish(follow)  # --follow ends once no launcher holds the run
         assert follow.returncode == 0 and "[host 0] step" in followed
         [lost] = status(run_dir)
         assert lost["state"] == "supervisor lost", lost
