@@ -32,7 +32,8 @@ class Heartbeat:
     def __init__(self, run_dir: str, host: int, attempt: int, interval_s: float = 1.0):
         self.path = heartbeat_file(run_dir, host)
         self.interval_s = float(interval_s)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _state: beat() runs every step and never waits for the disk
+        self._write_lock = threading.Lock()  # one write at a time, in the order their snapshots were taken
         now = time.time()
         self._state = {"pid": os.getpid(), "pid_start_time": process_start_time(os.getpid()), "host": host,
                        "attempt": attempt, "step": None, "phase": PHASE_INIT, "started": now, "progress_time": now,
@@ -71,13 +72,16 @@ class Heartbeat:
             self._write()
 
     def _write(self) -> None:
-        with self._lock:
-            self._state["time"] = time.time()
-            data = json.dumps(self._state, sort_keys=True)
-        try:
-            write_atomic(self.path, data)
-        except OSError:  # a full or vanished run dir must not kill training; the watchdog will notice
-            pass
+        # The snapshot is taken under the write lock: a beat the thread took before finish() must not land after
+        # finish()'s exit record and hide it from the supervisor (which then cannot tell a preempted host's save).
+        with self._write_lock:
+            with self._lock:
+                self._state["time"] = time.time()
+                data = json.dumps(self._state, sort_keys=True)
+            try:
+                write_atomic(self.path, data)
+            except OSError:  # a full or vanished run dir must not kill training; the watchdog will notice
+                pass
 
 
 def read_heartbeat(run_dir: str, host: int) -> Optional[dict]:

@@ -30,6 +30,7 @@ only inside the run directory (`inside`).
 import json
 import os
 import re
+import threading
 from typing import Any, Iterator, List, Optional, Union
 
 CONFIG = "config.yaml"
@@ -198,9 +199,9 @@ def read_jsonl(file: str) -> List[dict]:
 
 def write_atomic(file: str, data: Union[str, bytes], mode: int = 0o644) -> None:
     """Write a whole file so readers see the old content or the new, never a part: a temp file next to it (named by
-    pid, so concurrent writers do not collide), then os.replace."""
+    process and thread, so concurrent writers, threads of one process included, do not collide), then os.replace."""
     os.makedirs(os.path.dirname(file) or ".", exist_ok=True)
-    tmp = f"{file}.{os.getpid()}.tmp"
+    tmp = f"{file}.{os.getpid()}.{threading.get_ident()}.tmp"
     raw = data.encode() if isinstance(data, str) else data
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
